@@ -1,0 +1,4 @@
+from wsi_mil.cli import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,294 @@
+"""Batch-job plumbing shared by every per-slide stage.
+
+Sharding over SLURM job arrays, CPU counts that respect the job's allocation,
+atomic outputs, per-output locks, and the ``failures.csv`` log. Pure helpers
+(``parse_shard``, ``shard_items``, ``params_digest``) are separate from I/O.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import datetime as _dt
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from wsi_mil.errors import ConfigError, WsiMilError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+# ---------------------------------------------------------------- CPUs
+def available_cpus() -> int:
+    """CPUs this process may use: min of affinity, cgroup quota and SLURM_CPUS_PER_TASK."""
+    counts: list[int] = []
+    try:
+        counts.append(len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        counts.append(os.cpu_count() or 1)
+    quota = _cgroup_cpu_quota()
+    if quota:
+        counts.append(quota)
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK")
+    if slurm and slurm.isdigit() and int(slurm) > 0:
+        counts.append(int(slurm))
+    return max(1, min(counts))
+
+
+def _cgroup_cpu_quota() -> int | None:
+    try:  # cgroup v2
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            return max(1, int(int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    try:  # cgroup v1
+        q = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+        p = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        if q > 0 and p > 0:
+            return max(1, q // p)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+# ---------------------------------------------------------------- shards
+def parse_shard(spec: str | None) -> tuple[int, int]:
+    """``"I/N"`` -> (I, N), 0 <= I < N. ``None`` reads SLURM array variables, else (0, 1)."""
+    if spec is None or spec == "":
+        tid = os.environ.get("SLURM_ARRAY_TASK_ID")
+        cnt = os.environ.get("SLURM_ARRAY_TASK_COUNT")
+        if tid is not None and cnt is not None:
+            try:
+                lo = int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
+                return _check_shard(int(tid) - lo, int(cnt))
+            except ValueError as e:
+                raise ConfigError(f"bad SLURM array variables: {e}") from None
+        return (0, 1)
+    try:
+        i_s, n_s = spec.split("/")
+        return _check_shard(int(i_s), int(n_s))
+    except ValueError:
+        raise ConfigError(
+            f"--shard {spec!r} is not of the form I/N", "e.g. --shard 0/4 for the first of 4 shards"
+        ) from None
+
+
+def _check_shard(i: int, n: int) -> tuple[int, int]:
+    if n < 1 or not 0 <= i < n:
+        raise ConfigError(f"shard {i}/{n} is out of range", "use I/N with 0 <= I < N")
+    return (i, n)
+
+
+def shard_items(items: Sequence[T], shard: tuple[int, int], key: Callable[[T], str]) -> list[T]:
+    """Items of shard I of N: round-robin over items sorted by ``key``. Disjoint, covering."""
+    i, n = shard
+    ordered = sorted(items, key=key)
+    return [it for k, it in enumerate(ordered) if k % n == i]
+
+
+# ---------------------------------------------------------------- fingerprints
+def file_fingerprint(path: str | os.PathLike | None) -> dict[str, Any] | None:
+    """Cheap identity of an input file or directory: size (bytes) + mtime (ns)."""
+    if path is None:
+        return None
+    p = Path(path)
+    st = p.stat()
+    if p.is_dir():  # zarr/mrxs folders: newest mtime and total size of the tree
+        size, mtime = 0, st.st_mtime_ns
+        for sub in p.rglob("*"):
+            s = sub.stat()
+            size += s.st_size
+            mtime = max(mtime, s.st_mtime_ns)
+        return {"size": size, "mtime_ns": mtime}
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def params_digest(params: dict[str, Any]) -> str:
+    """Stable short hash of a JSON-able parameter dict (order-independent)."""
+    blob = json.dumps(params, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- atomic outputs
+def tmp_sibling(final: Path) -> Path:
+    """A unique temporary name next to ``final`` (same filesystem, so rename is atomic)."""
+    return final.with_name(f".{final.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path to write a file *or directory* to; rename onto ``final`` on success.
+
+    On any exception the temp path is removed and ``final`` is untouched.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_sibling(final)
+    try:
+        yield tmp
+        if final.is_dir() and not final.is_symlink():
+            old = tmp_sibling(final)
+            os.replace(final, old)  # directories cannot be replaced by rename in one step
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+
+
+def clean_stale_tmp(folder: Path, max_age_s: float = 0) -> None:
+    """Remove leftover ``.NAME.tmp-*`` entries (from killed runs) older than ``max_age_s``."""
+    import time
+
+    if not folder.is_dir():
+        return
+    now = time.time()
+    for p in folder.glob(".*.tmp-*"):
+        with contextlib.suppress(OSError):
+            if now - p.stat().st_mtime >= max_age_s:
+                _remove(p)
+
+
+@contextlib.contextmanager
+def output_lock(final: str | os.PathLike, blocking: bool = False) -> Iterator[bool]:
+    """Advisory lock on ``<final>.lock``; yields True if held, False if another process has it.
+
+    Two processes on the same shard therefore never write the same output at once.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = final.with_name(final.name + ".lock")
+    fh = open(lock_path, "a+")
+    try:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+    finally:
+        fh.close()
+
+
+# ---------------------------------------------------------------- failures
+FAILURE_COLUMNS = ["time", "stage", "slide_id", "path", "reason"]
+
+
+def record_failure(work: str | os.PathLike, stage: str, slide_id: str, path: Any, reason: str) -> None:
+    """Append one row to ``W/failures.csv`` (locked, so shards can share it)."""
+    f = Path(work) / "failures.csv"
+    f.parent.mkdir(parents=True, exist_ok=True)
+    with open(f, "a+", newline="") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        fh.seek(0, os.SEEK_END)
+        w = csv.writer(fh)
+        if fh.tell() == 0:
+            w.writerow(FAILURE_COLUMNS)
+        now = _dt.datetime.now().isoformat(timespec="seconds")
+        w.writerow([now, stage, slide_id, "" if path is None else str(path), reason.replace("\n", " ")])
+        fh.flush()
+        fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@dataclass
+class BatchResult:
+    """Outcome of a per-slide stage. ``exit_code``: 0 all done, 1 some slides failed."""
+
+    stage: str
+    done: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    warnings: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed else 0
+
+    def summary(self) -> str:
+        s = (
+            f"{self.stage}: {len(self.done)} done, {len(self.skipped)} up to date, "
+            f"{len(self.failed)} failed"
+        )
+        if self.warnings:
+            s += f", {len(self.warnings)} with warnings"
+        for sid, why in self.failed.items():
+            s += f"\n  FAILED {sid}: {why}"
+        for sid, why in self.warnings.items():
+            s += f"\n  WARNING {sid}: {why}"
+        return s
+
+
+class Skip(Exception):
+    """Raised by a per-slide function when its output is already complete and current."""
+
+
+class SlideWarning(Exception):
+    """Raised by a per-slide function that finished but wants a warning recorded (e.g. no tissue)."""
+
+
+def run_per_slide(
+    stage: str,
+    items: Sequence[T],
+    fn: Callable[[T], Any],
+    work: str | os.PathLike,
+    slide_id: Callable[[T], str],
+    slide_path: Callable[[T], Any] = lambda _: None,
+    progress: bool = True,
+    debug: bool = False,
+) -> BatchResult:
+    """Run ``fn`` on every item, keep going past failures, log them to ``W/failures.csv``.
+
+    ``fn`` raises :class:`Skip` for up-to-date outputs and :class:`SlideWarning` for a
+    finished slide worth a warning. Any other exception marks the slide failed.
+    """
+    from tqdm.auto import tqdm
+
+    res = BatchResult(stage)
+    bar = tqdm(items, desc=stage, unit="slide", disable=not progress, leave=True)
+    for it in bar:
+        sid = slide_id(it)
+        bar.set_postfix_str(sid, refresh=False)
+        try:
+            fn(it)
+            res.done.append(sid)
+        except Skip:
+            res.skipped.append(sid)
+        except SlideWarning as w:
+            res.done.append(sid)
+            res.warnings[sid] = str(w)
+            log.warning("%s: %s", sid, w)
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # noqa: BLE001 - a bad slide must not stop the batch
+            if debug:
+                log.exception("%s failed", sid)
+            reason = str(e) if isinstance(e, WsiMilError) else f"{type(e).__name__}: {e}"
+            res.failed[sid] = reason
+            log.error("%s failed: %s", sid, reason)
+            record_failure(work, stage, sid, slide_path(it), reason)
+    return res

@@ -1,0 +1,138 @@
+"""Shared click pieces: ``--config`` merging, slide inputs, shards, exit-code mapping.
+
+Commands stay thin: parse options, build a config dataclass, call one library
+function, turn its result into an exit code.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from wsi_mil.config import load_config_file
+
+F = Callable[..., Any]
+
+
+def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    if value:
+        defaults = load_config_file(value, ctx.info_name or "")
+        known = {p.name for p in ctx.command.params}
+        # keys for other commands (shared top-level keys) are ignored, unknown section keys are errors
+        section_only = set(load_config_file(value, "__none__"))
+        unknown = sorted(k for k in defaults if k not in known and k not in section_only)
+        if unknown:
+            from wsi_mil.errors import ConfigError
+
+            raise ConfigError(
+                f"{value}: unknown option(s) for '{ctx.info_name}': {', '.join(unknown)}",
+                f"see 'wsi-mil {ctx.info_name} --help' for the option names",
+            )
+        ctx.default_map = {**(ctx.default_map or {}), **{k: v for k, v in defaults.items() if k in known}}
+    return value
+
+
+def config_option(f: F) -> F:
+    """``--config FILE.yaml``: keys = long option names; flags on the command line win."""
+    return click.option(
+        "--config",
+        type=click.Path(dir_okay=False),
+        is_eager=True,
+        expose_value=False,
+        callback=_load_config,
+        help="YAML file of option values (keys = long option names, top level or under a section named after the command). Command-line flags win.",
+    )(f)
+
+
+def slide_inputs(f: F) -> F:
+    """``--slides CSV`` and/or ``SLIDES...`` (paths or globs; slide_id = file stem)."""
+    f = click.argument("slide_paths", nargs=-1, type=str, metavar="[SLIDES]...")(f)
+    f = click.option(
+        "--slides",
+        "slides_csv",
+        type=click.Path(dir_okay=False),
+        help="Slide table CSV: slide_id,path[,label][,split] (or the seed's filename,label).",
+    )(f)
+    return f
+
+
+def shard_option(f: F) -> F:
+    return click.option(
+        "--shard",
+        default=None,
+        metavar="I/N",
+        help="Process shard I of N (0-based). Default: from SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT, else all.",
+    )(f)
+
+
+def work_option(f: F) -> F:
+    return click.option(
+        "--work",
+        "-w",
+        type=click.Path(file_okay=False),
+        default="work",
+        show_default=True,
+        help="Work folder holding patches/, masks/, features/ and failures.csv.",
+    )(f)
+
+
+def backend_option(f: F) -> F:
+    return click.option(
+        "--backend",
+        type=click.Choice(["auto", "openslide", "tiff", "zarr", "image"]),
+        default="auto",
+        show_default=True,
+        help="Slide reader; auto picks by file type.",
+    )(f)
+
+
+def progress_enabled() -> bool:
+    ctx = click.get_current_context(silent=True)
+    root = ctx.find_root() if ctx else None
+    quiet = bool(root and root.obj and root.obj.get("quiet"))
+    return not quiet
+
+
+def debug_enabled() -> bool:
+    ctx = click.get_current_context(silent=True)
+    root = ctx.find_root() if ctx else None
+    return bool(root and root.obj and root.obj.get("debug"))
+
+
+def finish_batch(result: Any) -> None:
+    """Print a batch summary and exit 0 (all done) or 1 (some slides failed)."""
+    click.echo(result.summary(), err=True)
+    sys.exit(result.exit_code)
+
+
+def not_implemented(name: str) -> F:
+    """Body for a command that is part of the surface but not built yet: says so, exits 2."""
+
+    def body(**_: Any) -> None:
+        from wsi_mil.errors import NotImplementedYet
+
+        raise NotImplementedYet(f"'wsi-mil {name}' is not implemented yet", "see the README's status table")
+
+    return body
+
+
+def setup_logging(verbose: int, quiet: int) -> None:
+    level = logging.INFO - 10 * verbose + 10 * quiet
+    logging.basicConfig(
+        level=max(logging.DEBUG, min(logging.CRITICAL, level)),
+        format="%(levelname)s %(name)s: %(message)s" if verbose else "%(levelname)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def wraps_command(f: F) -> F:
+    @functools.wraps(f)
+    def inner(*a: Any, **kw: Any) -> Any:
+        return f(*a, **kw)
+
+    return inner

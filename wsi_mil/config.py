@@ -1,0 +1,215 @@
+"""Stage configs: one dataclass per stage, defaults in one place.
+
+A YAML config file (``--config FILE.yaml``) uses the commands' long option names
+as keys. Top-level keys apply to every command; a section named after a command
+(``tile:``, ``extract:``, ``train:`` ...) applies to that command only. Flags given
+on the command line win over the file. Each stage writes the resolved config it
+ran with beside its outputs (``save_resolved``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from wsi_mil.errors import ConfigError
+
+COMMANDS = ("synth", "info", "tile", "extract", "train", "predict", "heatmap", "run")
+
+
+def load_config_file(path: str | os.PathLike, command: str) -> dict[str, Any]:
+    """Keys for ``command`` from a YAML file: top-level scalars/lists + the ``command`` section.
+
+    Keys are returned in click's parameter style (``patch-size`` -> ``patch_size``).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist", "check the --config path")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must be a mapping of option names to values")
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        if k in COMMANDS:
+            continue
+        out[_norm(k)] = v
+    section = data.get(command) or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{p}: section '{command}' must be a mapping")
+    for k, v in section.items():
+        out[_norm(k)] = v
+    return out
+
+
+def load_full_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The whole YAML mapping (used by ``wsi-mil run`` and the Snakefile)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist", "check the --config path")
+    return yaml.safe_load(p.read_text()) or {}
+
+
+def _norm(key: str) -> str:
+    return str(key).strip().lstrip("-").replace("-", "_")
+
+
+def to_plain(obj: Any) -> Any:
+    """Dataclass/Path/tuple -> YAML-safe plain Python."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        obj = asdict(obj)
+    if isinstance(obj, dict):
+        return {str(k): to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def save_resolved(cfg: Any, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    from wsi_mil.batch import atomic_path
+
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(yaml.safe_dump(to_plain(cfg), sort_keys=False))
+
+
+def from_dict(cls: type, d: dict[str, Any]) -> Any:
+    """Build dataclass ``cls`` from a dict, rejecting unknown keys with a clear message."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(f"unknown option(s) for {cls.__name__}: {', '.join(unknown)}", f"known: {', '.join(sorted(names))}")
+    return cls(**d)
+
+
+# ---------------------------------------------------------------------- stages
+@dataclass
+class SynthConfig:
+    out: Path = Path("synthetic")
+    preset: str = "custom"  # "seed" reproduces the seed generator (4096^2 JPEGs)
+    n_slides: int = 8
+    width_px: int = 8192
+    height_px: int = 8192
+    format: str = "tiff"  # tiff | ome-zarr | jpeg | png
+    positive_fraction: float = 0.5
+    markers_min: int = 1
+    markers_max: int = 3
+    marker_size_min_px: int = 30
+    marker_size_max_px: int = 80
+    thickness_min_px: int = 2
+    thickness_max_px: int = 6
+    background: str = "tissue"  # noise (seed) | tissue (with empty glass)
+    mpp: float = 0.5
+    tile_px: int = 256
+    jpeg_quality: int = 90
+    seed: int = 0
+    splits: str = ""  # e.g. "train=0.6,val=0.2,test=0.2"; empty: no split column values
+
+
+@dataclass
+class TileConfig:
+    work: Path = Path("work")
+    patch_size: int = 224  # px at the output resolution
+    stride: int | None = None  # px at the output resolution; None = patch_size
+    level: int | None = None  # read this pyramid level ...
+    mpp: float | None = None  # ... or this target resolution (microns per px)
+    mpp_tolerance: float = 0.1  # relative; a level within it is used as-is
+    slide_mpp: float | None = None  # override the slide's level-0 mpp
+    tissue: str = "otsu"  # otsu | none
+    min_tissue: float = 0.1  # min tissue fraction per patch
+    thumbnail_px: int = 2048  # longest side of the thumbnail tissue is computed on
+    pixels: bool = True
+    compression: str = "jpeg"  # jpeg | zstd | none
+    jpeg_quality: int = 90
+    clam_h5: bool = False
+    workers: int | None = None  # None: CPUs this job may use
+    backend: str | None = None
+
+
+@dataclass
+class ExtractConfig:
+    work: Path = Path("work")
+    encoder: str = "resnet-patch-cnn"
+    feature_dim: int = 128
+    weights: Path | None = None
+    batch_size: int = 64
+    workers: int | None = None
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "float32"  # stored features: float32 | float16
+    seed: int = 0  # initialisation of an untrained encoder
+    backend: str | None = None
+
+
+@dataclass
+class ModelConfig:
+    in_dim: int = 128
+    pos_dim: int = 32  # learned positional encoding width (0 = off)
+    attn_dim: int = 64
+    hidden_dim: int = 64
+    gated: bool = False
+    dropout: float = 0.0
+    use_pos: bool = True
+
+
+@dataclass
+class TrainConfig:
+    work: Path = Path("work")
+    run: Path = Path("runs/default")
+    mode: str = "cached"  # cached | e2e
+    features: Path | None = None  # folder of <slide_id>.h5; default W/features/<encoder-tag>
+    encoder: str = "resnet-patch-cnn"
+    feature_dim: int = 128
+    weights: Path | None = None
+    epochs: int = 20
+    lr: float = 1e-3
+    encoder_lr: float | None = None  # e2e: None = lr
+    weight_decay: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.999
+    scheduler: str = "cosine"  # cosine | none
+    val_frac: float = 0.2
+    folds: int = 0  # >1: stratified k-fold; fold picks which
+    fold: int = 0
+    early_stop: str = "val_loss"  # val_loss | val_auc | none
+    patience: int = 10
+    resume: bool = False
+    seed: int = 0
+    device: str = "auto"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    # end-to-end only
+    chunk_size: int = 64
+    max_patches_per_bag: int | None = None
+    freeze_encoder_epochs: int = 0
+    norm: str = "frozen-bn"  # frozen-bn | groupnorm
+    augment: bool = False
+    backend: str | None = None
+
+
+@dataclass
+class PredictConfig:
+    work: Path = Path("work")
+    run: Path = Path("runs/default")
+    features: Path | None = None
+    checkpoint: str = "best"  # best | last | PATH
+    threshold: float = 0.5
+    split: str | None = None  # only slides of this split; None = all
+    device: str = "auto"
+
+
+@dataclass
+class HeatmapConfig:
+    run: Path = Path("runs/default")
+    slide_id: str | None = None
+    style: str = "boxes"  # boxes (the seed's blue boxes) | smooth | both
+    thumbnail_px: int = 2048
+    top_k: int = 8
+    markers: Path | None = None  # markers.csv of synthetic slides

@@ -1,0 +1,96 @@
+"""Slide readers behind one interface: ``open_slide(path) -> Slide``.
+
+Backends register themselves in a small registry (name -> class with a
+``can_open(path)`` classmethod); ``open_slide`` picks the first that accepts the
+file in priority order, or the one named by ``backend=``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from wsi_mil.errors import SlideError
+from wsi_mil.slides.base import PAD_VALUE, Slide, TileGrid
+from wsi_mil.slides.table import SlideEntry, read_slide_table, slide_id_from_path, write_slide_table
+
+__all__ = [
+    "PAD_VALUE",
+    "Slide",
+    "SlideEntry",
+    "TileGrid",
+    "available_backends",
+    "open_slide",
+    "read_slide_table",
+    "register_backend",
+    "slide_id_from_path",
+    "write_slide_table",
+]
+
+# name -> (priority, class); lower priority is tried first
+_REGISTRY: dict[str, tuple[int, type[Slide]]] = {}
+
+
+def register_backend(name: str, priority: int) -> Callable[[type[Slide]], type[Slide]]:
+    """Class decorator: ``@register_backend("tiff", priority=10)``."""
+
+    def deco(cls: type[Slide]) -> type[Slide]:
+        cls.backend = name
+        _REGISTRY[name] = (priority, cls)
+        return cls
+
+    return deco
+
+
+def available_backends() -> list[str]:
+    _load_backends()
+    return [n for n, _ in sorted(_REGISTRY.items(), key=lambda kv: kv[1][0])]
+
+
+def _load_backends() -> None:
+    # Imported lazily so `import wsi_mil.slides` stays cheap; each module registers itself.
+    from wsi_mil.slides import backends  # noqa: F401
+
+
+def open_slide(path: str | os.PathLike, backend: str | None = None, mpp: float | None = None) -> Slide:
+    """Open any supported image. ``backend`` forces one ("openslide", "tiff", "zarr", "image").
+
+    ``mpp`` overrides the level-0 microns per pixel from the file. Raises
+    :class:`SlideError` with one line naming the file and the problem.
+    """
+    _load_backends()
+    p = Path(path)
+    if not p.exists():
+        raise SlideError(f"{p}: file not found", "check the path (relative paths in a slide table resolve against the CSV's folder)")
+    if backend is not None and backend != "auto":
+        if backend not in _REGISTRY:
+            raise SlideError(f"unknown backend {backend!r}", f"choose one of: {', '.join(available_backends())}")
+        cls = _REGISTRY[backend][1]
+        try:
+            return cls(p, mpp=mpp)
+        except SlideError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise SlideError(f"{p}: backend {backend!r} cannot read it: {_short(e)}") from None
+    errors: list[str] = []
+    for name, (_, cls) in sorted(_REGISTRY.items(), key=lambda kv: kv[1][0]):
+        try:
+            if not cls.can_open(p):  # type: ignore[attr-defined]
+                continue
+            return cls(p, mpp=mpp)
+        except SlideError as e:
+            errors.append(f"{name}: {e.message}")
+        except Exception as e:  # noqa: BLE001
+            errors.append(f"{name}: {_short(e)}")
+    if errors:
+        raise SlideError(f"{p}: cannot read slide ({'; '.join(errors)})", "the file may be truncated or corrupt")
+    raise SlideError(
+        f"{p}: unknown or unsupported format",
+        "supported: SVS/NDPI/MRXS/SCN/pyramidal TIFF/OME-TIFF/OME-Zarr/JPEG/PNG",
+    )
+
+
+def _short(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return (s[0] if s else type(e).__name__)[:200]

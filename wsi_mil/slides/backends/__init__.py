@@ -1,0 +1,1 @@
+"""Backend modules; importing each registers it with ``wsi_mil.slides``."""

@@ -1,0 +1,155 @@
+"""The one slide interface every backend implements.
+
+Coordinates: ``read_region`` takes the top-left corner in *level-0* pixels and a
+size in pixels *at the requested level* (OpenSlide's convention). Regions that run
+past the slide edge are padded white, never an error.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+PAD_VALUE = 255  # white, like glass
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """Native storage tiling of one level: tiles of ``tile_w`` x ``tile_h`` px at that level."""
+
+    tile_w: int
+    tile_h: int
+
+
+class Slide(abc.ABC):
+    """A multi-resolution image. Subclasses fill the abstract members; the rest is shared."""
+
+    backend: str = "?"
+
+    def __init__(self, path: str | Path, mpp: float | None = None) -> None:
+        self.path = Path(path)
+        self._mpp_override = mpp
+
+    # -- required -------------------------------------------------------
+    @property
+    @abc.abstractmethod
+    def level_dimensions(self) -> list[tuple[int, int]]:
+        """(width, height) in px of every level, level 0 first."""
+
+    @abc.abstractmethod
+    def _read_region(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """(h, w, 3) uint8 RGB; (x, y) level-0 px; may assume the caller pads out-of-bounds."""
+
+    @property
+    def native_mpp(self) -> float | None:
+        """Level-0 microns per pixel from the file's metadata, or None when unknown."""
+        return None
+
+    # -- shared ---------------------------------------------------------
+    @property
+    def mpp(self) -> float | None:
+        """Level-0 microns per pixel; the caller's override wins over the file's value."""
+        return self._mpp_override if self._mpp_override is not None else self.native_mpp
+
+    @property
+    def level_count(self) -> int:
+        return len(self.level_dimensions)
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        """Level-0 (width, height) in px."""
+        return self.level_dimensions[0]
+
+    @property
+    def level_downsamples(self) -> list[float]:
+        """Downsample of each level relative to level 0 (mean of x and y ratios)."""
+        w0, h0 = self.dimensions
+        return [((w0 / w) + (h0 / h)) / 2.0 for (w, h) in self.level_dimensions]
+
+    def tile_grid(self, level: int) -> TileGrid | None:
+        """Native tile size at ``level``, or None for strip/untiled/in-memory images."""
+        return None
+
+    def get_best_level_for_downsample(self, downsample: float) -> int:
+        """Coarsest level whose downsample is <= ``downsample`` (+0.1% tolerance)."""
+        best = 0
+        for i, d in enumerate(self.level_downsamples):
+            if d <= downsample * 1.001:
+                best = i
+        return best
+
+    def read_region(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """(h, w, 3) uint8 RGB of the region whose top-left is level-0 (x, y), w x h px at ``level``.
+
+        Parts outside the image are white.
+        """
+        if not 0 <= level < self.level_count:
+            from wsi_mil.errors import SlideError
+
+            raise SlideError(f"{self.path}: level {level} does not exist (slide has {self.level_count})")
+        if w <= 0 or h <= 0:
+            return np.full((max(h, 0), max(w, 0), 3), PAD_VALUE, np.uint8)
+        ds = self.level_downsamples[level]
+        lw, lh = self.level_dimensions[level]
+        # requested window in level pixels
+        lx, ly = int(round(x / ds)), int(round(y / ds))
+        ix0, iy0 = max(lx, 0), max(ly, 0)
+        ix1, iy1 = min(lx + w, lw), min(ly + h, lh)
+        if ix0 == lx and iy0 == ly and ix1 == lx + w and iy1 == ly + h:
+            return self._read_region(level, x, y, w, h)
+        out = np.full((h, w, 3), PAD_VALUE, np.uint8)
+        if ix1 > ix0 and iy1 > iy0:
+            inner = self._read_region(
+                level, int(round(ix0 * ds)), int(round(iy0 * ds)), ix1 - ix0, iy1 - iy0
+            )
+            out[iy0 - ly : iy1 - ly, ix0 - lx : ix1 - lx] = inner
+        return out
+
+    def thumbnail(self, max_size_px: int) -> np.ndarray:
+        """(h, w, 3) uint8 of the whole slide, longest side <= ``max_size_px``.
+
+        Reads the coarsest level that is still at least as large as needed, then
+        resizes, so a gigapixel level is never loaded.
+        """
+        from PIL import Image
+
+        w0, h0 = self.dimensions
+        scale = max(w0, h0) / max_size_px
+        tw, th = max(1, int(round(w0 / max(scale, 1)))), max(1, int(round(h0 / max(scale, 1))))
+        level = self.get_best_level_for_downsample(max(scale, 1.0))
+        lw, lh = self.level_dimensions[level]
+        img = self.read_region(level, 0, 0, lw, lh)
+        if (lw, lh) != (tw, th):
+            img = np.asarray(Image.fromarray(img).resize((tw, th), Image.Resampling.BILINEAR))
+        return img
+
+    def properties(self) -> dict:
+        """Summary used by ``wsi-mil info``."""
+        return {
+            "path": str(self.path),
+            "backend": self.backend,
+            "level_count": self.level_count,
+            "level_dimensions": [list(d) for d in self.level_dimensions],
+            "level_downsamples": [round(d, 4) for d in self.level_downsamples],
+            "mpp": self.mpp,
+            "native_mpp": self.native_mpp,
+            "tile_grid": [
+                (None if (g := self.tile_grid(i)) is None else [g.tile_w, g.tile_h])
+                for i in range(self.level_count)
+            ],
+        }
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release file handles."""
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.path)!r}, levels={self.level_count}, dims={self.dimensions})"

@@ -1,0 +1,119 @@
+"""Slide tables: ``slide_id,path[,label][,split]`` CSVs, the seed's ``labels.csv``, or paths/globs."""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from wsi_mil.errors import ConfigError
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class SlideEntry:
+    slide_id: str
+    path: Path | None  # None: slide exists only as a feature store
+    label: int | None = None
+    split: str | None = None
+
+
+def slide_id_from_path(path: str | os.PathLike) -> str:
+    """File stem, also stripping multi-part suffixes like ``.ome.tiff`` / ``.ome.zarr``."""
+    name = Path(str(path).rstrip("/")).name
+    for suf in (".ome.tiff", ".ome.tif", ".ome.zarr"):
+        if name.lower().endswith(suf):
+            return name[: -len(suf)]
+    return Path(name).stem
+
+
+def read_slide_table(csv: str | os.PathLike | None = None, paths: tuple[str, ...] | list[str] = ()) -> list[SlideEntry]:
+    """Entries from a slide-table CSV and/or slide paths and globs (slide_id = file stem).
+
+    Relative paths in a CSV resolve against the CSV's folder. Slide ids must be unique.
+    """
+    entries: list[SlideEntry] = []
+    if csv is not None:
+        entries += _read_csv(Path(csv))
+    for pat in paths:
+        matches = sorted(glob.glob(pat)) if any(c in pat for c in "*?[") else [pat]
+        if not matches:
+            raise ConfigError(f"no slides match {pat!r}", "check the glob or quote it so the shell does not expand it")
+        for m in matches:
+            entries.append(SlideEntry(slide_id_from_path(m), Path(m)))
+    if not entries:
+        raise ConfigError("no slides given", "pass --slides CSV or slide paths/globs as arguments")
+    seen: set[str] = set()
+    for e in entries:
+        if e.slide_id in seen:
+            raise ConfigError(f"slide_id {e.slide_id!r} appears twice", "slide ids must be unique; rename one file or give ids in a CSV")
+        seen.add(e.slide_id)
+    return entries
+
+
+def _read_csv(csv: Path) -> list[SlideEntry]:
+    if not csv.is_file():
+        raise ConfigError(f"slide table {csv} does not exist", "check the --slides path")
+    base = csv.parent
+    try:
+        df = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(f"cannot read slide table {csv}: {e}", "it must be a CSV with columns slide_id,path[,label][,split]") from None
+    cols = [c.strip().lower() for c in df.columns]
+    if "slide_id" not in cols:
+        # The seed's labels.csv: "filename,label" with no header.
+        df = pd.read_csv(csv, dtype=str, keep_default_na=False, header=None)
+        if df.shape[1] != 2:
+            raise ConfigError(
+                f"{csv}: no 'slide_id' column",
+                "use a header 'slide_id,path[,label][,split]' or the seed's two-column 'filename,label'",
+            )
+        df.columns = ["path", "label"]
+        df["slide_id"] = [slide_id_from_path(p) for p in df["path"]]
+    else:
+        df.columns = cols
+    out = []
+    for i, row in df.iterrows():
+        sid = str(row["slide_id"]).strip()
+        if not sid:
+            raise ConfigError(f"{csv} row {i + 2}: empty slide_id")
+        p = str(row.get("path", "") or "").strip()
+        path = None if not p else (Path(p) if Path(p).is_absolute() else base / p)
+        label = _parse_label(row.get("label", ""), csv, i)
+        split = str(row.get("split", "") or "").strip().lower() or None
+        if split is not None and split not in SPLITS:
+            raise ConfigError(f"{csv} row {i + 2}: split {split!r} is not one of {', '.join(SPLITS)}")
+        out.append(SlideEntry(sid, path, label, split))
+    return out
+
+
+def _parse_label(v: object, csv: Path, i: int) -> int | None:
+    s = str(v if v is not None else "").strip()
+    if s == "":
+        return None
+    try:
+        f = float(s)
+    except ValueError:
+        f = float("nan")
+    if f not in (0.0, 1.0):
+        raise ConfigError(f"{csv} row {i + 2}: label {s!r} is not 0 or 1", "labels must be binary (0/1); leave empty for unlabelled slides")
+    return int(f)
+
+
+def write_slide_table(entries: list[SlideEntry], csv: str | os.PathLike) -> None:
+    """Write entries as a slide-table CSV (paths relative to the CSV's folder when possible)."""
+    csv = Path(csv)
+    rows = []
+    for e in entries:
+        p = ""
+        if e.path is not None:
+            try:
+                p = os.path.relpath(e.path, csv.parent)
+            except ValueError:
+                p = str(e.path)
+        rows.append({"slide_id": e.slide_id, "path": p, "label": "" if e.label is None else e.label, "split": e.split or ""})
+    pd.DataFrame(rows, columns=["slide_id", "path", "label", "split"]).to_csv(csv, index=False)
