@@ -1,0 +1,207 @@
+"""Patch store: ``W/patches/<slide_id>.zarr`` (zarr v3 group) — *contract* format.
+
+Arrays: ``coords`` int64 (N, 2) level-0 (x, y) top-left; optional ``pixels`` uint8
+(N, P, P, 3) chunked by patches; optional ``tissue`` float32 (N,).
+Attrs: ``slide_path``, ``slide_fingerprint``, ``level``, ``downsample`` (level-0 px
+per output px), ``patch_size`` (output px), ``patch_size_level`` (px read at
+``level``), ``stride``, ``mpp`` (level 0, may be null), ``level0_width``,
+``level0_height``, tiling parameters, ``wsi_mil_version`` and ``complete: true``
+written last. A store is written under a temporary name and renamed into place,
+so a killed run never leaves a store that looks complete.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from wsi_mil import __version__
+from wsi_mil.batch import atomic_path
+from wsi_mil.errors import StoreError
+
+REQUIRED_ATTRS = ("level", "downsample", "patch_size", "level0_width", "level0_height")
+
+
+class PatchStore:
+    """Read access to a complete patch store. Use :meth:`open`."""
+
+    def __init__(self, path: Path, group: zarr.Group) -> None:
+        self.path = path
+        self._g = group
+        self.attrs: dict[str, Any] = dict(group.attrs)
+        self._coords: np.ndarray | None = None
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> PatchStore:
+        """Open a complete store; raises :class:`StoreError` if missing or incomplete."""
+        p = Path(path)
+        if not p.exists():
+            raise StoreError(f"{p}: patch store not found", "run 'wsi-mil tile' first")
+        try:
+            g = zarr.open_group(str(p), mode="r")
+        except Exception as e:  # noqa: BLE001
+            raise StoreError(f"{p}: not a readable zarr patch store ({e})", "delete it and re-run 'wsi-mil tile'") from None
+        if not g.attrs.get("complete", False):
+            raise StoreError(f"{p}: patch store is incomplete (interrupted run?)", "re-run 'wsi-mil tile'")
+        missing = [a for a in REQUIRED_ATTRS if a not in g.attrs]
+        if missing or "coords" not in g:
+            raise StoreError(f"{p}: patch store lacks {missing or ['coords']}", "re-run 'wsi-mil tile'")
+        return cls(p, g)
+
+    # -- geometry -------------------------------------------------------
+    @property
+    def coords(self) -> np.ndarray:
+        """(N, 2) int64 level-0 (x, y) of each patch's top-left corner."""
+        if self._coords is None:
+            self._coords = np.asarray(self._g["coords"][:], dtype=np.int64).reshape(-1, 2)
+        return self._coords
+
+    def __len__(self) -> int:
+        return int(self._g["coords"].shape[0])
+
+    @property
+    def level0_size(self) -> tuple[int, int]:
+        return int(self.attrs["level0_width"]), int(self.attrs["level0_height"])
+
+    @property
+    def norm_coords(self) -> np.ndarray:
+        """(N, 2) float32 coordinates normalised by level-0 width/height, in [0, 1)."""
+        w, h = self.level0_size
+        return (self.coords / np.array([w, h], dtype=np.float64)).astype(np.float32)
+
+    @property
+    def patch_size(self) -> int:
+        """Patch side in px at the output resolution."""
+        return int(self.attrs["patch_size"])
+
+    @property
+    def level(self) -> int:
+        return int(self.attrs["level"])
+
+    @property
+    def downsample(self) -> float:
+        """Level-0 px per output px."""
+        return float(self.attrs["downsample"])
+
+    @property
+    def patch_size_level0(self) -> int:
+        """Patch side in level-0 px."""
+        return int(round(self.patch_size * self.downsample))
+
+    @property
+    def mpp(self) -> float | None:
+        return self.attrs.get("mpp")
+
+    @property
+    def slide_path(self) -> Path | None:
+        p = self.attrs.get("slide_path")
+        return Path(p) if p else None
+
+    # -- pixels ---------------------------------------------------------
+    @property
+    def has_pixels(self) -> bool:
+        return "pixels" in self._g
+
+    @property
+    def tissue(self) -> np.ndarray | None:
+        return np.asarray(self._g["tissue"][:], np.float32) if "tissue" in self._g else None
+
+    def pixels(self, start: int, stop: int) -> np.ndarray:
+        """(n, P, P, 3) uint8 stored pixels of patches [start, stop)."""
+        if not self.has_pixels:
+            raise StoreError(f"{self.path}: store has no pixels (tiled with --no-pixels)", "use read_patches(), which reads from the slide")
+        return np.asarray(self._g["pixels"][start:stop])
+
+    def read_patches(self, start: int, stop: int, slide: Any = None) -> np.ndarray:
+        """(n, P, P, 3) uint8 patches [start, stop): from the store, or from the slide for coords-only stores.
+
+        ``slide``: an open :class:`wsi_mil.slides.Slide` (default: opened from ``slide_path``).
+        """
+        if self.has_pixels:
+            return self.pixels(start, stop)
+        from wsi_mil.tiling.read import read_patches_from_slide
+
+        if slide is None:
+            slide = self.open_slide()
+        return read_patches_from_slide(slide, self.coords[start:stop], self.level, self.patch_size, int(self.attrs.get("patch_size_level", self.patch_size)))
+
+    def open_slide(self, path: str | os.PathLike | None = None) -> Any:
+        """Open the source slide (``path`` overrides the recorded ``slide_path``)."""
+        from wsi_mil.slides import open_slide
+
+        p = path or self.slide_path
+        if p is None:
+            raise StoreError(f"{self.path}: store has no pixels and no slide_path", "re-tile with --pixels")
+        return open_slide(p, backend=self.attrs.get("backend"), mpp=self.mpp)
+
+
+class PatchStoreWriter:
+    """Write a store under a temporary name; :meth:`commit` marks it complete and renames it.
+
+    ``with PatchStoreWriter(final, coords, attrs, patch_size, pixels=True) as w:``
+    ``    w.write_pixels(start, arr)`` ... ; ``w.commit()``. Leaving the block without
+    ``commit`` (e.g. an exception) removes the temporary store.
+    """
+
+    def __init__(
+        self,
+        final: str | os.PathLike,
+        coords: np.ndarray,
+        attrs: dict[str, Any],
+        pixels: bool = True,
+        chunk_patches: int = 64,
+        compressors: Any = "auto",
+        tissue: np.ndarray | None = None,
+    ) -> None:
+        self.final = Path(final)
+        self.coords = np.asarray(coords, np.int64).reshape(-1, 2)
+        self.attrs = {**attrs, "wsi_mil_version": __version__, "complete": False}
+        self.with_pixels = pixels
+        self.chunk_patches = chunk_patches
+        self.compressors = compressors
+        self.tissue = tissue
+        self._ctx = atomic_path(self.final)
+        self._committed = False
+
+    def __enter__(self) -> PatchStoreWriter:
+        self.tmp = self._ctx.__enter__()
+        self.group = zarr.open_group(str(self.tmp), mode="w", zarr_format=3)
+        n = len(self.coords)
+        self.group.create_array("coords", data=self.coords, chunks=(max(1, min(n, 1 << 16)), 2))
+        if self.tissue is not None:
+            self.group.create_array("tissue", data=np.asarray(self.tissue, np.float32), chunks=(max(1, min(n, 1 << 16)),))
+        if self.with_pixels:
+            p = int(self.attrs["patch_size"])
+            kw = {} if self.compressors == "auto" else {"compressors": self.compressors}
+            self.pixels = self.group.create_array(
+                "pixels",
+                shape=(n, p, p, 3),
+                chunks=(max(1, min(self.chunk_patches, n)), p, p, 3),
+                dtype="uint8",
+                fill_value=255,
+                **kw,
+            )
+        self.group.attrs.update(self.attrs)
+        return self
+
+    def write_pixels(self, start: int, arr: np.ndarray) -> None:
+        """Write (n, P, P, 3) uint8 patches at rows [start, start + n). Chunk-aligned writes are fastest."""
+        self.pixels[start : start + len(arr)] = arr
+
+    def commit(self) -> None:
+        self.group.attrs["complete"] = True
+        self._committed = True
+
+    def __exit__(self, et: Any, ev: Any, tb: Any) -> bool:
+        if et is None and not self._committed:
+            et = StoreError
+            ev = StoreError(f"{self.final}: writer closed without commit()")
+        return bool(self._ctx.__exit__(et, ev, tb)) if et is not None else self._finish()
+
+    def _finish(self) -> bool:
+        self._ctx.__exit__(None, None, None)
+        return False
