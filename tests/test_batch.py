@@ -1,0 +1,124 @@
+"""Batch plumbing: shards, atomic outputs, locks, failures.csv."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+
+from wsi_mil.batch import (
+    Skip,
+    SlideWarning,
+    atomic_path,
+    available_cpus,
+    output_lock,
+    params_digest,
+    parse_shard,
+    record_failure,
+    run_per_slide,
+    shard_items,
+)
+from wsi_mil.errors import ConfigError, SlideError
+
+
+def test_parse_shard_spec_and_errors(monkeypatch):
+    monkeypatch.delenv("SLURM_ARRAY_TASK_ID", raising=False)
+    monkeypatch.delenv("SLURM_ARRAY_TASK_COUNT", raising=False)
+    assert parse_shard("1/3") == (1, 3)
+    assert parse_shard(None) == (0, 1)
+    for bad in ("3/3", "-1/2", "a/b", "2", "0/0"):
+        with pytest.raises(ConfigError):
+            parse_shard(bad)
+
+
+def test_parse_shard_from_slurm(monkeypatch):
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "2")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "4")
+    monkeypatch.delenv("SLURM_ARRAY_TASK_MIN", raising=False)
+    assert parse_shard(None) == (2, 4)
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "5")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "3")  # --array=3-6
+    assert parse_shard(None) == (2, 4)
+
+
+def test_shards_are_disjoint_and_cover():
+    items = [f"s{i:02d}" for i in range(17)]
+    parts = [shard_items(items, (i, 4), key=str) for i in range(4)]
+    flat = [x for p in parts for x in p]
+    assert sorted(flat) == sorted(items) and len(flat) == len(set(flat))
+    # independent of input order
+    assert shard_items(list(reversed(items)), (1, 4), key=str) == parts[1]
+
+
+def test_params_digest_order_independent():
+    assert params_digest({"a": 1, "b": [1, 2]}) == params_digest({"b": [1, 2], "a": 1})
+    assert params_digest({"a": 1}) != params_digest({"a": 2})
+
+
+def test_atomic_path_file_and_dir(tmp_path):
+    f = tmp_path / "out.txt"
+    with atomic_path(f) as t:
+        t.write_text("new")
+    assert f.read_text() == "new"
+    with pytest.raises(RuntimeError), atomic_path(f) as t:
+        t.write_text("half")
+        raise RuntimeError("killed")
+    assert f.read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+    d = tmp_path / "store.zarr"
+    for content in ("one", "two"):
+        with atomic_path(d) as t:
+            t.mkdir()
+            (t / "x").write_text(content)
+    assert (d / "x").read_text() == "two"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt", "store.zarr"]
+
+
+def test_output_lock_excludes_second_holder(tmp_path):
+    target = tmp_path / "a.h5"
+    with output_lock(target) as held:
+        assert held
+        code = (
+            "import sys; from wsi_mil.batch import output_lock\n"
+            f"with output_lock({str(target)!r}) as h: sys.exit(0 if not h else 3)\n"
+        )
+        assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+    with output_lock(target) as held:
+        assert held
+
+
+def test_run_per_slide_records_failures(tmp_path):
+    def fn(x: str) -> None:
+        if x == "bad":
+            raise SlideError("bad.svs: truncated")
+        if x == "boom":
+            raise ValueError("unexpected")
+        if x == "old":
+            raise Skip()
+        if x == "empty":
+            raise SlideWarning("no tissue found")
+
+    res = run_per_slide("tile", ["a", "bad", "old", "empty", "boom"], fn, tmp_path, slide_id=str, progress=False)
+    assert res.done == ["a", "empty"] and res.skipped == ["old"]
+    assert set(res.failed) == {"bad", "boom"} and res.exit_code == 1
+    assert "no tissue" in res.warnings["empty"]
+    rows = list(csv.DictReader(open(tmp_path / "failures.csv")))
+    assert [r["slide_id"] for r in rows] == ["bad", "boom"]
+    assert "truncated" in rows[0]["reason"] and rows[0]["stage"] == "tile"
+    record_failure(tmp_path, "extract", "c", None, "x")
+    assert len(list(csv.DictReader(open(tmp_path / "failures.csv")))) == 3
+
+
+def test_available_cpus_respects_slurm_and_affinity():
+    code = "from wsi_mil.batch import available_cpus; print(available_cpus())"
+    env = {**os.environ, "SLURM_CPUS_PER_TASK": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "1"
+    code2 = "import os; os.sched_setaffinity(0, {0}); " + code
+    env.pop("SLURM_CPUS_PER_TASK")
+    out = subprocess.run([sys.executable, "-c", code2], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "1"
+    assert available_cpus() >= 1
