@@ -19,21 +19,35 @@ from wsi_mil.config import load_config_file
 F = Callable[..., Any]
 
 
+def _option_names(command: click.Command) -> dict[str, str]:
+    """Normalised long option name (``patch_size``) -> click parameter name (``patch_size``)."""
+    names: dict[str, str] = {}
+    for p in command.params:
+        if p.name:
+            names.setdefault(p.name, p.name)
+        for opt in getattr(p, "opts", []) + getattr(p, "secondary_opts", []):
+            if opt.startswith("--"):
+                names[opt[2:].replace("-", "_")] = p.name  # type: ignore[assignment]
+    return names
+
+
 def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
     if value:
-        defaults = load_config_file(value, ctx.info_name or "")
-        known = {p.name for p in ctx.command.params}
-        # keys for other commands (shared top-level keys) are ignored, unknown section keys are errors
-        section_only = set(load_config_file(value, "__none__"))
-        unknown = sorted(k for k in defaults if k not in known and k not in section_only)
-        if unknown:
-            from wsi_mil.errors import ConfigError
+        from wsi_mil.errors import ConfigError
 
+        defaults = load_config_file(value, ctx.info_name or "")
+        names = _option_names(ctx.command)
+        # top-level keys may belong to other commands and are ignored here; keys in this
+        # command's own section must be options of this command
+        top_level = set(load_config_file(value, "__none__"))
+        unknown = sorted(k for k in defaults if k not in names and k not in top_level)
+        if unknown:
             raise ConfigError(
                 f"{value}: unknown option(s) for '{ctx.info_name}': {', '.join(unknown)}",
                 f"see 'wsi-mil {ctx.info_name} --help' for the option names",
             )
-        ctx.default_map = {**(ctx.default_map or {}), **{k: v for k, v in defaults.items() if k in known}}
+        mapped = {names[k]: v for k, v in defaults.items() if k in names and names[k] != "config"}
+        ctx.default_map = {**(ctx.default_map or {}), **mapped}
     return value
 
 
