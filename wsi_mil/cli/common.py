@@ -35,7 +35,7 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
     if value:
         from wsi_mil.errors import ConfigError
 
-        defaults = load_config_file(value, ctx.info_name or "")
+        defaults = load_config_file(value, ctx.command.name or "")
         names = _option_names(ctx.command)
         # top-level keys may belong to other commands and are ignored here; keys in this
         # command's own section must be options of this command
@@ -43,8 +43,8 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
         unknown = sorted(k for k in defaults if k not in names and k not in top_level)
         if unknown:
             raise ConfigError(
-                f"{value}: unknown option(s) for '{ctx.info_name}': {', '.join(unknown)}",
-                f"see 'wsi-mil {ctx.info_name} --help' for the option names",
+                f"{value}: unknown option(s) for '{ctx.command.name}': {', '.join(unknown)}",
+                f"see 'wsi-mil {ctx.command.name} --help' for the option names",
             )
         mapped = {names[k]: v for k, v in defaults.items() if k in names and names[k] != "config"}
         ctx.default_map = {**(ctx.default_map or {}), **mapped}
