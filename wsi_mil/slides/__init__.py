@@ -53,7 +53,9 @@ def _load_backends() -> None:
     from wsi_mil.slides import backends  # noqa: F401
 
 
-def open_slide(path: str | os.PathLike, backend: str | None = None, mpp: float | None = None) -> Slide:
+def open_slide(
+    path: str | os.PathLike, backend: str | None = None, mpp: float | None = None
+) -> Slide:
     """Open any supported image. ``backend`` forces one ("openslide", "tiff", "zarr", "image").
 
     ``mpp`` overrides the level-0 microns per pixel from the file. Raises
@@ -62,32 +64,54 @@ def open_slide(path: str | os.PathLike, backend: str | None = None, mpp: float |
     _load_backends()
     p = Path(path)
     if not p.exists():
-        raise SlideError(f"{p}: file not found", "check the path (relative paths in a slide table resolve against the CSV's folder)")
+        raise SlideError(
+            f"{p}: file not found",
+            "check the path (relative paths in a slide table resolve against the CSV's folder)",
+        )
     if backend is not None and backend != "auto":
         if backend not in _REGISTRY:
-            raise SlideError(f"unknown backend {backend!r}", f"choose one of: {', '.join(available_backends())}")
+            raise SlideError(
+                f"unknown backend {backend!r}", f"choose one of: {', '.join(available_backends())}"
+            )
         cls = _REGISTRY[backend][1]
         try:
             return cls(p, mpp=mpp)
         except SlideError:
             raise
         except Exception as e:  # noqa: BLE001
-            raise SlideError(f"{p}: backend {backend!r} cannot read it: {_short(e)}") from None
-    errors: list[str] = []
+            raise SlideError(
+                f"{p}: backend {backend!r} cannot read it: {_short(e)}",
+                "try another --backend or leave it on auto",
+            ) from None
+    failures: list[tuple[str, SlideError]] = []
     for name, (_, cls) in sorted(_REGISTRY.items(), key=lambda kv: kv[1][0]):
         try:
             if not cls.can_open(p):  # type: ignore[attr-defined]
                 continue
             return cls(p, mpp=mpp)
         except SlideError as e:
-            errors.append(f"{name}: {e.message}")
+            failures.append((name, e))
         except Exception as e:  # noqa: BLE001
-            errors.append(f"{name}: {_short(e)}")
-    if errors:
-        raise SlideError(f"{p}: cannot read slide ({'; '.join(errors)})", "the file may be truncated or corrupt")
+            failures.append(
+                (name, SlideError(f"{p}: {_short(e)}", "the file may be truncated or corrupt"))
+            )
+    if len(failures) == 1:
+        raise failures[0][1]
+    if failures:
+        # several backends accepted the file type but none could read it: one line with each reason
+        reasons: list[str] = []
+        for name, e in failures:
+            msg = e.message[len(str(p)) + 2 :] if e.message.startswith(f"{p}: ") else e.message
+            if not any(msg == r.split(": ", 1)[-1] for r in reasons):
+                reasons.append(f"{name}: {msg}")
+        raise SlideError(
+            f"{p}: cannot read slide ({'; '.join(reasons)})",
+            failures[0][1].hint or "the file may be truncated or corrupt",
+        )
     raise SlideError(
-        f"{p}: unknown or unsupported format",
-        "supported: SVS/NDPI/MRXS/SCN/pyramidal TIFF/OME-TIFF/OME-Zarr/JPEG/PNG",
+        f"{p}: unknown or unsupported format"
+        + (" (a folder, but not an OME-Zarr image)" if p.is_dir() else ""),
+        "supported: SVS/NDPI/MRXS/SCN/VMS/BIF, pyramidal TIFF/OME-TIFF, OME-Zarr, JPEG/PNG/BMP/TIFF",
     )
 
 

@@ -40,8 +40,8 @@ class Slide(abc.ABC):
         """(width, height) in px of every level, level 0 first."""
 
     @abc.abstractmethod
-    def _read_region(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
-        """(h, w, 3) uint8 RGB; (x, y) level-0 px; may assume the caller pads out-of-bounds."""
+    def _read_level(self, level: int, lx: int, ly: int, w: int, h: int) -> np.ndarray:
+        """(h, w, 3) uint8 RGB of the window at *level* px (lx, ly); always fully inside the level."""
 
     @property
     def native_mpp(self) -> float | None:
@@ -84,45 +84,84 @@ class Slide(abc.ABC):
     def read_region(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         """(h, w, 3) uint8 RGB of the region whose top-left is level-0 (x, y), w x h px at ``level``.
 
-        Parts outside the image are white.
+        The level-0 corner maps to level px ``round(x / downsample)``. Parts outside the
+        image are white (:data:`PAD_VALUE`).
         """
-        if not 0 <= level < self.level_count:
-            from wsi_mil.errors import SlideError
+        self._check_level(level)
+        ds = self.level_downsamples[level]
+        return self.read_level_region(level, int(round(x / ds)), int(round(y / ds)), w, h)
 
-            raise SlideError(f"{self.path}: level {level} does not exist (slide has {self.level_count})")
+    def read_level_region(self, level: int, lx: int, ly: int, w: int, h: int) -> np.ndarray:
+        """(h, w, 3) uint8 RGB of the window at *level* px (lx, ly), w x h px; white past the edges.
+
+        Same as :meth:`read_region` with level-pixel coordinates, which avoids any rounding
+        when reading windows aligned to :meth:`tile_grid`.
+        """
+        self._check_level(level)
+        w, h, lx, ly = int(w), int(h), int(lx), int(ly)
         if w <= 0 or h <= 0:
             return np.full((max(h, 0), max(w, 0), 3), PAD_VALUE, np.uint8)
-        ds = self.level_downsamples[level]
         lw, lh = self.level_dimensions[level]
-        # requested window in level pixels
-        lx, ly = int(round(x / ds)), int(round(y / ds))
         ix0, iy0 = max(lx, 0), max(ly, 0)
         ix1, iy1 = min(lx + w, lw), min(ly + h, lh)
         if ix0 == lx and iy0 == ly and ix1 == lx + w and iy1 == ly + h:
-            return self._read_region(level, x, y, w, h)
+            return self._checked_read(level, lx, ly, w, h)
         out = np.full((h, w, 3), PAD_VALUE, np.uint8)
         if ix1 > ix0 and iy1 > iy0:
-            inner = self._read_region(
-                level, int(round(ix0 * ds)), int(round(iy0 * ds)), ix1 - ix0, iy1 - iy0
-            )
+            inner = self._checked_read(level, ix0, iy0, ix1 - ix0, iy1 - iy0)
             out[iy0 - ly : iy1 - ly, ix0 - lx : ix1 - lx] = inner
         return out
 
-    def thumbnail(self, max_size_px: int) -> np.ndarray:
-        """(h, w, 3) uint8 of the whole slide, longest side <= ``max_size_px``.
+    def _check_level(self, level: int) -> None:
+        if not 0 <= level < self.level_count:
+            from wsi_mil.errors import SlideError
 
-        Reads the coarsest level that is still at least as large as needed, then
-        resizes, so a gigapixel level is never loaded.
+            raise SlideError(
+                f"{self.path}: level {level} does not exist (slide has {self.level_count})",
+                f"use a level in 0..{self.level_count - 1}",
+            )
+
+    def _checked_read(self, level: int, lx: int, ly: int, w: int, h: int) -> np.ndarray:
+        from wsi_mil.errors import SlideError
+
+        try:
+            arr = self._read_level(level, lx, ly, w, h)
+        except SlideError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any decoder failure is a bad slide, not a bug
+            msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise SlideError(
+                f"{self.path}: cannot read level {level} window ({lx}, {ly}, {w}x{h}): {msg}",
+                "the file may be truncated or corrupt",
+            ) from e
+        if arr.shape != (h, w, 3) or arr.dtype != np.uint8:
+            raise AssertionError(
+                f"{type(self).__name__} returned {arr.shape} {arr.dtype}, expected ({h}, {w}, 3) uint8"
+            )
+        return arr
+
+    def thumbnail(self, max_size_px: int) -> np.ndarray:
+        """(h, w, 3) uint8 of the whole slide, longest side <= ``max_size_px`` (aspect kept).
+
+        Reads the coarsest level that is still at least as large as needed, in bands of
+        bounded size, box-reduces each band by an integer factor and resizes the result,
+        so memory stays bounded even for a single-level gigapixel image.
         """
         from PIL import Image
 
         w0, h0 = self.dimensions
-        scale = max(w0, h0) / max_size_px
-        tw, th = max(1, int(round(w0 / max(scale, 1)))), max(1, int(round(h0 / max(scale, 1))))
-        level = self.get_best_level_for_downsample(max(scale, 1.0))
+        scale = max(1.0, max(w0, h0) / max(1, int(max_size_px)))
+        tw, th = max(1, int(round(w0 / scale))), max(1, int(round(h0 / scale)))
+        level = self.get_best_level_for_downsample(scale)
         lw, lh = self.level_dimensions[level]
-        img = self.read_region(level, 0, 0, lw, lh)
-        if (lw, lh) != (tw, th):
+        k = max(1, int(min(lw / tw, lh / th)))  # integer pre-reduction factor, keeps >= target size
+        band_h = k * max(1, (1 << 24) // (3 * lw * k))  # ~16 MB of level pixels per band
+        bands = []
+        for y in range(0, lh, band_h):
+            band = self.read_level_region(level, 0, y, lw, min(band_h, lh - y))
+            bands.append(_box_reduce(band, k) if k > 1 else band)
+        img = np.concatenate(bands, axis=0) if len(bands) > 1 else bands[0]
+        if img.shape[:2] != (th, tw):
             img = np.asarray(Image.fromarray(img).resize((tw, th), Image.Resampling.BILINEAR))
         return img
 
@@ -153,3 +192,13 @@ class Slide(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.path)!r}, levels={self.level_count}, dims={self.dimensions})"
+
+
+def _box_reduce(img: np.ndarray, k: int) -> np.ndarray:
+    """Mean over k x k blocks of an (h, w, 3) uint8 image; a partial last row/column block is averaged too."""
+    h, w = img.shape[:2]
+    hp, wp = -(-h // k) * k, -(-w // k) * k
+    if (hp, wp) != (h, w):
+        img = np.pad(img, ((0, hp - h), (0, wp - w), (0, 0)), mode="edge")
+    blocks = img.reshape(hp // k, k, wp // k, k, 3).astype(np.float32)
+    return (blocks.mean(axis=(1, 3)) + 0.5).astype(np.uint8)

@@ -1,1 +1,16 @@
-"""Backend modules; importing each registers it with ``wsi_mil.slides``."""
+"""Backend modules; importing each registers it with ``wsi_mil.slides``.
+
+Automatic choice (lower priority first, each backend's ``can_open`` decides):
+zarr (5) for OME-Zarr folders/zips; tiff (10) for OME-TIFF and for TIFFs OpenSlide
+does not recognise as a vendor format (generic pyramidal TIFF, SubIFD pyramids,
+strip TIFFs); openslide (20) for vendor formats (SVS/NDPI/MRXS/SCN/...); image (30)
+for JPEG/PNG/BMP and anything else Pillow identifies. If a backend fails to open a
+file the next one that accepts it is tried.
+"""
+
+from wsi_mil.slides.backends import (  # noqa: F401
+    image_backend,
+    openslide_backend,
+    tiff_backend,
+    zarr_backend,
+)

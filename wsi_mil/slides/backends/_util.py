@@ -1,0 +1,109 @@
+"""Small helpers shared by the backends: pixel conversion, unit maths, sniffing."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".tf2")
+OME_TIFF_SUFFIXES = (".ome.tif", ".ome.tiff", ".ome.btf", ".ome.tf8", ".ome.tf2")
+
+# micrometres per unit, for NGFF / OME length units
+UM_PER_UNIT = {
+    "angstrom": 1e-4,
+    "Å": 1e-4,
+    "nanometer": 1e-3,
+    "nm": 1e-3,
+    "micrometer": 1.0,
+    "micron": 1.0,
+    "µm": 1.0,
+    "μm": 1.0,
+    "um": 1.0,
+    "millimeter": 1e3,
+    "mm": 1e3,
+    "centimeter": 1e4,
+    "cm": 1e4,
+    "meter": 1e6,
+    "m": 1e6,
+}
+
+
+@contextlib.contextmanager
+def quiet_readers():
+    """Silence tifffile's log lines and Pillow's warnings about damaged files.
+
+    Backends turn such failures into one :class:`SlideError` line instead.
+    """
+    lg = logging.getLogger("tifffile")
+    old = lg.level
+    lg.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        lg.setLevel(old)
+
+
+def first_line(e: BaseException) -> str:
+    """First line of an exception message, at most 200 characters."""
+    s = str(e).strip().splitlines()
+    return (s[0] if s else type(e).__name__)[:200]
+
+
+def lower_name(path: Path) -> str:
+    return path.name.lower().rstrip("/")
+
+
+def is_tiff_file(path: Path) -> bool:
+    """True when ``path`` is a regular file starting with a TIFF/BigTIFF header."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) in TIFF_MAGICS
+    except OSError:
+        return False
+
+
+def to_uint8(a: np.ndarray, bits: int | None = None) -> np.ndarray:
+    """Map any integer/float array to uint8 (16-bit -> top 8 bits, float assumed in [0, 1])."""
+    if a.dtype == np.uint8:
+        return a
+    if a.dtype == bool:
+        return a.astype(np.uint8) * 255
+    if np.issubdtype(a.dtype, np.integer):
+        nbits = bits or a.dtype.itemsize * 8
+        shift = max(0, nbits - 8)
+        return np.clip(a.astype(np.int64) >> shift, 0, 255).astype(np.uint8)
+    return np.clip(np.nan_to_num(a.astype(np.float32)) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def to_rgb(a: np.ndarray, alpha: str | None = None) -> np.ndarray:
+    """(h, w, c) uint8 -> (h, w, 3): grayscale replicated, alpha composited over white.
+
+    ``alpha``: None (a 4th sample is ignored), "straight" or "premultiplied".
+    """
+    if a.ndim == 2:
+        a = a[:, :, None]
+    c = a.shape[2]
+    if c == 3:
+        return a
+    if c < 3:  # gray or gray+alpha
+        return np.repeat(a[:, :, :1], 3, axis=2)
+    rgb = a[:, :, :3]
+    if alpha is None:
+        return np.ascontiguousarray(rgb)
+    al = a[:, :, 3:4]
+    if al.min() == 255:
+        return np.ascontiguousarray(rgb)
+    rgb16 = rgb.astype(np.uint16)
+    inv = 255 - al.astype(np.uint16)
+    if alpha == "premultiplied":
+        out = rgb16 + inv
+    else:
+        out = (rgb16 * al + 255 * inv + 127) // 255
+    return np.clip(out, 0, 255).astype(np.uint8)

@@ -1,0 +1,406 @@
+"""Pyramidal TIFF / OME-TIFF (incl. SubIFD pyramids) read tile by tile with tifffile.
+
+Only the tiles (or strips) that cover a requested window are read (``os.pread`` at
+their byte offsets, thread-safe) and decoded (tifffile's per-segment decoder, i.e.
+imagecodecs); a small LRU cache of decoded tiles makes patch-by-patch reading of
+neighbouring patches cheap. Windows aligned to :meth:`tile_grid` decode each tile once.
+
+mpp: OME ``PhysicalSizeX`` (+ unit) > Aperio ``MPP =`` > XResolution/ResolutionUnit
+(centimetre or inch, the same rule OpenSlide applies to generic TIFFs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wsi_mil.errors import SlideError
+from wsi_mil.slides import register_backend
+from wsi_mil.slides.backends._util import (
+    OME_TIFF_SUFFIXES,
+    UM_PER_UNIT,
+    first_line,
+    is_tiff_file,
+    lower_name,
+    quiet_readers,
+    to_rgb,
+    to_uint8,
+)
+from wsi_mil.slides.base import PAD_VALUE, Slide, TileGrid
+
+# OpenSlide vendors whose files are TIFFs but carry vendor-specific layout/metadata:
+# those are left to the openslide backend.
+_OPENSLIDE_VENDOR_TIFFS = {"aperio", "hamamatsu", "leica", "philips", "ventana", "trestle"}
+
+
+@dataclass
+class _Level:
+    """One pyramid level: the page(s) holding its samples and its segment (tile/strip) layout."""
+
+    width: int
+    height: int
+    pages: list[Any]  # one page (RGB/gray) or one page per channel (3 grayscale pages)
+    tiled: bool
+    seg_w: int
+    seg_h: int
+    n_across: int
+    n_down: int
+    planar: bool  # samples stored as separate planes
+    samples: int
+    bits: int
+    photometric: int
+    alpha: str | None
+    colormap: np.ndarray | None
+
+
+def _segment_extents_ok(page: Any, file_size: int) -> bool:
+    offs, counts = page.dataoffsets, page.databytecounts
+    if not offs:
+        return False
+    for o, c in zip(offs, counts, strict=False):
+        if c and (o <= 0 or o + c > file_size):
+            return False
+    return True
+
+
+def check_tiff_extents(path: Path) -> None:
+    """Raise :class:`SlideError` if any tile/strip of any page lies past the end of the file.
+
+    Cheap (IFDs only): catches truncated downloads/copies at open time instead of at read time.
+    """
+    import tifffile
+
+    size = path.stat().st_size
+    try:
+        with quiet_readers(), tifffile.TiffFile(path) as tf:
+            pages = list(tf.pages)
+            for p in list(pages):
+                for sub in getattr(p, "pages", None) or []:
+                    pages.append(sub)
+            for s in tf.series:
+                for lv in s.levels:
+                    pages.extend(lv.pages)
+            for p in pages:
+                if p is None or not hasattr(p, "dataoffsets"):
+                    continue
+                if not _segment_extents_ok(p, size):
+                    raise SlideError(
+                        f"{path}: TIFF is truncated or corrupt (image data of page {p.index} lies past the end of the {size}-byte file)",
+                        "re-copy or re-export the file",
+                    )
+    except SlideError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise SlideError(
+            f"{path}: not a readable TIFF ({first_line(e)})",
+            "the file may be truncated or corrupt",
+        ) from None
+
+
+def openslide_vendor(path: Path) -> str | None:
+    """OpenSlide's format name for ``path`` ("generic-tiff", "aperio", ...) or None."""
+    try:
+        import openslide
+
+        return openslide.OpenSlide.detect_format(str(path))
+    except Exception:  # noqa: BLE001
+        return None
+
+
+@register_backend("tiff", priority=10)
+class TiffSlide(Slide):
+    """Tiled (or stripped) TIFF pyramids via tifffile: generic pyramidal TIFF, OME-TIFF, SubIFDs."""
+
+    #: bytes of decoded tiles kept per open slide (LRU)
+    cache_bytes: int = 64 << 20
+
+    @classmethod
+    def can_open(cls, path: Path) -> bool:
+        """OME-TIFFs always; other TIFFs unless OpenSlide recognises a vendor format in them."""
+        if not path.is_file() or not is_tiff_file(path):
+            return False
+        if lower_name(path).endswith(OME_TIFF_SUFFIXES):
+            return True
+        return openslide_vendor(path) not in _OPENSLIDE_VENDOR_TIFFS
+
+    def __init__(self, path: str | Path, mpp: float | None = None) -> None:
+        import tifffile
+
+        super().__init__(path, mpp)
+        if not self.path.is_file():
+            raise SlideError(f"{self.path}: not a file", "the tiff backend reads single TIFF files")
+        check_tiff_extents(self.path)
+        try:
+            with quiet_readers():
+                self._tf = tifffile.TiffFile(self.path)
+        except Exception as e:  # noqa: BLE001
+            raise SlideError(f"{self.path}: not a readable TIFF ({first_line(e)})") from None
+        try:
+            self._series_index, series = self._pick_series()
+            self._levels = self._build_levels(series)
+            self._native_mpp = self._find_mpp(series)
+        except Exception:
+            self._tf.close()
+            raise
+        self._fd = os.open(self.path, os.O_RDONLY)
+        self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._cache_used = 0
+        self._lock = threading.Lock()
+
+    # -- structure ---------------------------------------------------------
+    def _pick_series(self) -> tuple[int, Any]:
+        """The largest image series (the slide), not label/macro/thumbnail images."""
+        best, best_i, best_area = None, -1, -1
+        for i, s in enumerate(self._tf.series):
+            name = (s.name or "").lower()
+            if any(k in name for k in ("label", "macro", "thumbnail", "overview")):
+                continue
+            page = s.levels[0].pages[0] if s.levels[0].pages else None
+            if page is None:
+                continue
+            area = int(page.imagewidth) * int(page.imagelength)
+            if area > best_area:
+                best, best_i, best_area = s, i, area
+        if best is None:
+            raise SlideError(f"{self.path}: TIFF contains no image", "the file may be corrupt")
+        return best_i, best
+
+    def _build_levels(self, series: Any) -> list[_Level]:
+        levels: list[_Level] = []
+        for lv in series.levels:
+            level = self._make_level(lv)
+            if levels and (level.width >= levels[-1].width or level.height >= levels[-1].height):
+                continue  # not a reduced level (e.g. a stray same-size page)
+            levels.append(level)
+        return levels
+
+    def _make_level(self, lv: Any) -> _Level:
+        # TiffFrames (light pages in multi-page series) need to become full pages to decode
+        pages = [p.aspage() if hasattr(p, "aspage") else p for p in lv.pages if p is not None]
+        page = pages[0]
+        if getattr(page, "tiledepth", 1) not in (1, None) or getattr(page, "imagedepth", 1) > 1:
+            raise SlideError(f"{self.path}: volumetric (tiled depth) TIFFs are not supported")
+        spp = int(page.samplesperpixel)
+        photometric = int(page.photometric)
+        axes = lv.axes
+        if spp == 1 and "C" in axes and lv.shape[axes.index("C")] >= 3 and len(pages) >= 3:
+            # channels stored as separate grayscale pages (OME "CYX" with SizeC=3)
+            pages = pages[:3]
+        else:
+            pages = [page]
+        if photometric not in (0, 1, 2, 3, 6):
+            raise SlideError(
+                f"{self.path}: TIFF photometric {page.photometric.name} is not supported by the tiff backend"
+            )
+        if photometric == 6 and int(page.compression) not in (6, 7, 34892, 33007):
+            raise SlideError(
+                f"{self.path}: uncompressed YCbCr TIFF is not supported by the tiff backend"
+            )
+        alpha = None
+        if spp >= 4 and photometric in (2, 6) and page.extrasamples:
+            alpha = {1: "premultiplied", 2: "straight"}.get(int(page.extrasamples[0]))
+        colormap = None
+        if photometric == 3:
+            cm = np.asarray(page.colormap)
+            colormap = to_uint8(cm, 16 if cm.dtype == np.uint16 else None).T.copy()  # (n, 3)
+        if page.is_tiled:
+            seg_w, seg_h = int(page.tilewidth), int(page.tilelength)
+        else:
+            seg_w, seg_h = (
+                int(page.imagewidth),
+                int(min(page.rowsperstrip or page.imagelength, page.imagelength)),
+            )
+        w, h = int(page.imagewidth), int(page.imagelength)
+        return _Level(
+            width=w,
+            height=h,
+            pages=pages,
+            tiled=bool(page.is_tiled),
+            seg_w=seg_w,
+            seg_h=seg_h,
+            n_across=-(-w // seg_w),
+            n_down=-(-h // seg_h),
+            planar=int(page.planarconfig) == 2 and spp > 1,
+            samples=spp,
+            bits=int(page.bitspersample),
+            photometric=photometric,
+            alpha=alpha,
+            colormap=colormap,
+        )
+
+    def _find_mpp(self, series: Any) -> float | None:
+        tf = self._tf
+        if tf.is_ome and tf.ome_metadata:
+            mpp = _ome_mpp(tf.ome_metadata, self._series_index)
+            if mpp is not None:
+                return mpp
+        page0 = self._levels[0].pages[0]
+        desc = page0.description or ""
+        m = re.search(r"\bMPP\s*=\s*([0-9.eE+-]+)", desc)
+        if m:
+            with contextlib.suppress(ValueError):
+                v = float(m.group(1))
+                if v > 0:
+                    return v
+        return _resolution_mpp(page0)
+
+    # -- Slide API -----------------------------------------------------------
+    @property
+    def level_dimensions(self) -> list[tuple[int, int]]:
+        return [(lv.width, lv.height) for lv in self._levels]
+
+    @property
+    def native_mpp(self) -> float | None:
+        return self._native_mpp
+
+    def tile_grid(self, level: int) -> TileGrid | None:
+        lv = self._levels[level]
+        return TileGrid(lv.seg_w, lv.seg_h) if lv.tiled else None
+
+    def _read_level(self, level: int, lx: int, ly: int, w: int, h: int) -> np.ndarray:
+        lv = self._levels[level]
+        out = np.empty((h, w, 3), np.uint8)
+        c0, c1 = lx // lv.seg_w, (lx + w - 1) // lv.seg_w
+        r0, r1 = ly // lv.seg_h, (ly + h - 1) // lv.seg_h
+        for r in range(r0, r1 + 1):
+            for c in range(c0, c1 + 1):
+                tile = self._tile(level, lv, r, c)
+                tx, ty = c * lv.seg_w, r * lv.seg_h
+                x0, y0 = max(lx, tx), max(ly, ty)
+                x1, y1 = min(lx + w, tx + lv.seg_w), min(ly + h, ty + lv.seg_h)
+                out[y0 - ly : y1 - ly, x0 - lx : x1 - lx] = tile[
+                    y0 - ty : y1 - ty, x0 - tx : x1 - tx
+                ]
+        return out
+
+    def _tile(self, level: int, lv: _Level, row: int, col: int) -> np.ndarray:
+        """Decoded (seg_h, seg_w, 3) uint8 RGB tile (edge tiles padded), via the LRU cache."""
+        key = (level, row * lv.n_across + col)
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                return hit
+        tile = self._decode_tile(lv, key[1])
+        with self._lock:
+            if key not in self._cache:
+                self._cache[key] = tile
+                self._cache_used += tile.nbytes
+                while self._cache_used > self.cache_bytes and len(self._cache) > 1:
+                    _, old = self._cache.popitem(last=False)
+                    self._cache_used -= old.nbytes
+        return tile
+
+    def _decode_tile(self, lv: _Level, seg: int) -> np.ndarray:
+        per_plane = lv.n_across * lv.n_down
+        if len(lv.pages) > 1:  # one grayscale page per channel
+            planes = [self._decode_segment(p, seg, lv)[..., 0] for p in lv.pages]
+            arr = np.stack(planes, axis=-1)
+        elif lv.planar:
+            planes = [
+                self._decode_segment(lv.pages[0], s * per_plane + seg, lv)[..., 0]
+                for s in range(min(lv.samples, 4))
+            ]
+            arr = np.stack(planes, axis=-1)
+        else:
+            arr = self._decode_segment(lv.pages[0], seg, lv)
+        arr = to_uint8(arr, lv.bits if lv.bits in (10, 12, 14, 16) else None)
+        if lv.photometric == 0:  # MinIsWhite
+            arr = 255 - arr
+        elif lv.photometric == 3 and lv.colormap is not None:
+            return lv.colormap[arr[..., 0]]
+        return to_rgb(arr, lv.alpha)
+
+    def _decode_segment(self, page: Any, index: int, lv: _Level) -> np.ndarray:
+        """(seg_h, seg_w, samples) array of one segment; missing (sparse) segments are white."""
+        offset, count = page.dataoffsets[index], page.databytecounts[index]
+        spp = 1 if (lv.planar or len(lv.pages) > 1) else lv.samples
+        if not count or not offset:
+            return np.full(
+                (lv.seg_h, lv.seg_w, spp), PAD_VALUE if lv.photometric != 0 else 0, np.uint8
+            )
+        data = os.pread(self._fd, count, offset)
+        if len(data) < count:
+            raise SlideError(
+                f"{self.path}: tile {index} is truncated", "the file may be truncated or corrupt"
+            )
+        decoded, _, _ = page.decode(data, index, jpegtables=page.jpegtables, _fullsize=True)
+        arr = np.asarray(decoded)[0]  # (seg_h, seg_w, samples)
+        if arr.shape[0] != lv.seg_h or arr.shape[1] != lv.seg_w:  # last strip of a stripped image
+            pad = np.zeros((lv.seg_h, lv.seg_w, arr.shape[2]), arr.dtype)
+            pad[: arr.shape[0], : arr.shape[1]] = arr
+            arr = pad
+        return arr
+
+    def properties(self) -> dict:
+        d = super().properties()
+        d["tiff_series"] = self._series_index
+        d["ome"] = bool(self._tf.is_ome)
+        return d
+
+    def close(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+            self._fd = None
+        if getattr(self, "_tf", None) is not None:
+            self._tf.close()
+            self._tf = None
+        self._cache = OrderedDict()
+        self._cache_used = 0
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+
+def _ome_mpp(xml: str, series_index: int) -> float | None:
+    """PhysicalSizeX (converted to µm) of the ``series_index``-th OME Image, or None."""
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return None
+    images = [el for el in root.iter() if el.tag.endswith("}Image") or el.tag == "Image"]
+    if not images:
+        return None
+    img = images[min(series_index, len(images) - 1)] if series_index >= 0 else images[0]
+    for el in img.iter():
+        if el.tag.endswith("Pixels"):
+            size = el.get("PhysicalSizeX")
+            if size is None:
+                return None
+            unit = el.get("PhysicalSizeXUnit", "µm")
+            factor = UM_PER_UNIT.get(unit)
+            try:
+                v = float(size) * factor if factor is not None else None
+            except ValueError:
+                return None
+            return v if v and v > 0 else None
+    return None
+
+
+def _resolution_mpp(page: Any) -> float | None:
+    """µm/px from XResolution + ResolutionUnit (centimetre or inch), as OpenSlide reports it."""
+    tag = page.tags.get("XResolution")
+    unit_tag = page.tags.get("ResolutionUnit")
+    if tag is None or unit_tag is None:
+        return None
+    num, den = tag.value if isinstance(tag.value, tuple) else (tag.value, 1)
+    if not num or not den:
+        return None
+    px_per_unit = num / den
+    unit = int(unit_tag.value)
+    if unit == 3:
+        return 1e4 / px_per_unit
+    if unit == 2:
+        return 25400.0 / px_per_unit
+    return None
