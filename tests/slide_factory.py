@@ -99,6 +99,7 @@ def make_pyramidal_tiff(
     ome: bool = False,
     planar: bool = False,
     extra_alpha: bool = False,
+    description: str | None = None,
 ) -> Path:
     """Write a tiled pyramidal TIFF of ``img`` (H, W, 3 uint8 RGB, or H, W grayscale).
 
@@ -106,8 +107,8 @@ def make_pyramidal_tiff(
     into PhysicalSizeX/Y in µm. ``compression``: "jpeg" (lossy, quality 90; tifffile
     stores RGB JPEG tiles as YCbCr with 2x2 chroma subsampling, like most scanners),
     "zlib" (lossless) or None. ``planar`` stores RGB as separate planes, ``extra_alpha``
-    adds an opaque alpha sample (both only readable by our tifffile backend).
-    Returns the path.
+    adds an opaque alpha sample. ``description`` sets level 0's ImageDescription (e.g. an
+    Aperio header, so OpenSlide reports vendor "aperio"). Returns the path.
     """
     import tifffile
 
@@ -149,7 +150,7 @@ def make_pyramidal_tiff(
                         PhysicalSizeXUnit="µm",
                         PhysicalSizeYUnit="µm",
                     )
-            tw.write(levels[0], subifds=n_levels - 1, metadata=md, **kw)
+            tw.write(levels[0], subifds=n_levels - 1, metadata=md, description=description, **kw)
             for i in range(1, n_levels):
                 sub_kw = dict(kw)
                 if mpp is not None:
@@ -166,6 +167,7 @@ def make_pyramidal_tiff(
                     levels[i],
                     subfiletype=0 if i == 0 else 1,
                     metadata=None,
+                    description=description if i == 0 else None,
                     **lv_kw,
                 )
     return path

@@ -162,7 +162,9 @@ class Slide(abc.ABC):
             bands.append(_box_reduce(band, k) if k > 1 else band)
         img = np.concatenate(bands, axis=0) if len(bands) > 1 else bands[0]
         if img.shape[:2] != (th, tw):
-            img = np.asarray(Image.fromarray(img).resize((tw, th), Image.Resampling.BILINEAR))
+            # the last reduced row/column may be a partial block: map exactly lw/k x lh/k onto the output
+            box = (0.0, 0.0, lw / k, lh / k)
+            img = np.asarray(Image.fromarray(img).resize((tw, th), Image.Resampling.BILINEAR, box=box))
         return img
 
     def properties(self) -> dict:
