@@ -164,7 +164,9 @@ class Slide(abc.ABC):
         if img.shape[:2] != (th, tw):
             # the last reduced row/column may be a partial block: map exactly lw/k x lh/k onto the output
             box = (0.0, 0.0, lw / k, lh / k)
-            img = np.asarray(Image.fromarray(img).resize((tw, th), Image.Resampling.BILINEAR, box=box))
+            img = np.asarray(
+                Image.fromarray(img).resize((tw, th), Image.Resampling.BILINEAR, box=box)
+            )
         return img
 
     def properties(self) -> dict:
