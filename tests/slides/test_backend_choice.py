@@ -136,3 +136,40 @@ def test_image_backend_exif_and_alpha(tmp_path):
     im.save(tmp_path / "r.jpg", exif=exif, quality=95)
     with open_slide(tmp_path / "r.jpg") as s:
         assert s.dimensions == (256, 384)
+
+
+@pytest.mark.parametrize("kind", ["tif", "zarr", "png", "openslide"])
+def test_slides_pickle_by_reopening(tmp_path, kind):
+    import pickle
+
+    p = {
+        "tif": lambda: make_pyramidal_tiff(tmp_path / "a.tif", IMG, 2, 128, compression="zlib"),
+        "openslide": lambda: make_pyramidal_tiff(
+            tmp_path / "a.tif", IMG, 2, 128, compression="zlib"
+        ),
+        "zarr": lambda: make_ome_zarr(tmp_path / "a.zarr", IMG, 2),
+        "png": lambda: make_image(tmp_path / "a.png", IMG),
+    }[kind]()
+    with open_slide(p, backend="openslide" if kind == "openslide" else None, mpp=0.7) as s:
+        s2 = pickle.loads(pickle.dumps(s))
+        assert type(s2) is type(s) and s2.mpp == 0.7
+        np.testing.assert_array_equal(
+            s2.read_region(0, 3, 4, 50, 40), s.read_region(0, 3, 4, 50, 40)
+        )
+        s2.close()
+
+
+def test_tiff_reads_from_threads(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    p = make_pyramidal_tiff(tmp_path / "t.tif", IMG, 1, 64, compression="zlib")
+    with open_slide(p) as s:
+        s.cache_bytes = 64 * 64 * 3 * 3
+        xy = [(x, y) for y in range(0, 256, 32) for x in range(0, 384, 32)] * 4
+        with ThreadPoolExecutor(4) as ex:
+            got = list(ex.map(lambda q: s.read_region(0, q[0], q[1], 70, 50), xy))
+        for (x, y), g in zip(xy, got, strict=True):
+            exp = np.full((50, 70, 3), 255, np.uint8)
+            sub = IMG[y : y + 50, x : x + 70]
+            exp[: sub.shape[0], : sub.shape[1]] = sub
+            np.testing.assert_array_equal(g, exp)

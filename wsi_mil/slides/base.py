@@ -188,6 +188,11 @@ class Slide(abc.ABC):
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release file handles."""
 
+    def __reduce__(self) -> tuple:
+        # Pickles as "reopen this file with this backend": DataLoader workers (spawn) and
+        # multiprocessing pools get their own file handles instead of sharing one.
+        return (type(self), (self.path, self._mpp_override))
+
     def __enter__(self) -> Slide:
         return self
 

@@ -62,13 +62,12 @@ class _Level:
 
 
 def _segment_extents_ok(page: Any, file_size: int) -> bool:
-    offs, counts = page.dataoffsets, page.databytecounts
-    if not offs:
+    offs = np.asarray(page.dataoffsets, np.int64)
+    counts = np.asarray(page.databytecounts, np.int64)
+    if offs.size == 0:
         return False
-    for o, c in zip(offs, counts, strict=False):
-        if c and (o <= 0 or o + c > file_size):
-            return False
-    return True
+    present = counts > 0  # zero-length segments are sparse (empty) tiles
+    return bool(np.all(offs[present] > 0) and np.all(offs[present] + counts[present] <= file_size))
 
 
 def check_tiff_extents(path: Path) -> None:
