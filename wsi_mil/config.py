@@ -94,25 +94,30 @@ def from_dict(cls: type, d: dict[str, Any]) -> Any:
 # ---------------------------------------------------------------------- stages
 @dataclass
 class SynthConfig:
+    """`wsi-mil synth`. Fields left None take the preset's value (wsi_mil.synth.seed.PRESETS)."""
+
     out: Path = Path("synthetic")
-    preset: str = "custom"  # "seed" reproduces the seed generator (4096^2 JPEGs)
-    n_slides: int = 8
-    width_px: int = 8192
-    height_px: int = 8192
-    format: str = "tiff"  # tiff | ome-zarr | jpeg | png
-    positive_fraction: float = 0.5
-    markers_min: int = 1
-    markers_max: int = 3
-    marker_size_min_px: int = 30
-    marker_size_max_px: int = 80
-    thickness_min_px: int = 2
-    thickness_max_px: int = 6
-    background: str = "tissue"  # noise (seed) | tissue (with empty glass)
-    mpp: float = 0.5
-    tile_px: int = 256
-    jpeg_quality: int = 90
+    preset: str = "custom"  # custom | seed (the seed generator: 4096^2 noise JPEGs + labels.csv)
+    n_slides: int | None = None
+    width_px: int | None = None
+    height_px: int | None = None
+    format: str | None = None  # tiff | ome-zarr | jpeg | png
+    background: str | None = None  # noise (seed) | tissue (with empty glass)
+    positive_fraction: float | None = None
+    markers_min: int | None = None  # markers per positive slide
+    markers_max: int | None = None
+    marker_size_min_px: int | None = None  # outer extent (diameter / long side)
+    marker_size_max_px: int | None = None
+    thickness_min_px: int | None = None  # outline width
+    thickness_max_px: int | None = None
+    filled_fraction: float | None = None  # probability that a marker is solid, not an outline
+    mpp: float | None = None  # level-0 microns per pixel written into the file
+    tile_px: int | None = None
+    jpeg_quality: int | None = None
+    zarr_format: int | None = None  # 3 (NGFF 0.5) | 2 (NGFF 0.4)
     seed: int = 0
-    splits: str = ""  # e.g. "train=0.6,val=0.2,test=0.2"; empty: no split column values
+    splits: str = ""  # e.g. "train=0.6,val=0.2,test=0.2" (stratified by label); "": empty split column
+    workers: int | None = None  # render threads; None: CPUs this job may use
 
 
 @dataclass

@@ -1,0 +1,137 @@
+"""Synthetic slides with known ground truth: ``generate(cfg) -> list[SlideEntry]``.
+
+Outputs in ``cfg.out``: one slide per entry (``<id>.tiff`` | ``<id>.ome.zarr`` |
+``<id>.jpg`` | ``<id>.png``), ``slides.csv`` (slide_id,path,label,split),
+``markers.csv`` (slide_id,shape,x0,y0,x1,y1,colour,thickness,filled: level-0 px,
+x1/y1 exclusive), ``synth.yaml`` (the resolved config) and, for ``preset="seed"``,
+the seed's ``labels.csv`` (filename,label; no header). Same config -> same bytes in
+the CSVs and the same pixels.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+
+from wsi_mil.batch import atomic_path, available_cpus
+from wsi_mil.config import SynthConfig, save_resolved
+from wsi_mil.slides.table import SlideEntry, write_slide_table
+from wsi_mil.synth.markers import assign_splits, build_specs
+from wsi_mil.synth.render import Marker, SlideSpec, render_region
+from wsi_mil.synth.seed import PRESETS, parse_splits, resolve_config
+from wsi_mil.synth.writers import count_tiles, level_shapes, write_image, write_ome_zarr, write_tiff
+
+__all__ = [
+    "PRESETS",
+    "Marker",
+    "SlideSpec",
+    "SynthConfig",
+    "build_specs",
+    "generate",
+    "level_shapes",
+    "render_region",
+    "resolve_config",
+    "write_slide",
+]
+
+log = logging.getLogger(__name__)
+
+EXTENSIONS = {"tiff": ".tiff", "ome-zarr": ".ome.zarr", "jpeg": ".jpg", "png": ".png"}
+MARKER_COLUMNS = ["slide_id", "shape", "x0", "y0", "x1", "y1", "colour", "thickness", "filled"]
+
+
+def write_slide(spec: SlideSpec, path: Path, cfg: SynthConfig, progress=None) -> None:  # noqa: ANN001
+    """Write one slide in ``cfg.format`` to ``path`` (atomically: temp name, then rename)."""
+    workers = cfg.workers or available_cpus()
+    with atomic_path(path) as tmp:
+        if cfg.format == "tiff":
+            write_tiff(
+                spec,
+                tmp,
+                mpp=cfg.mpp,
+                tile_px=cfg.tile_px,
+                jpeg_quality=cfg.jpeg_quality,
+                workers=workers,
+                progress=progress,
+            )
+        elif cfg.format == "ome-zarr":
+            write_ome_zarr(
+                spec,
+                tmp,
+                mpp=cfg.mpp,
+                tile_px=cfg.tile_px,
+                zarr_format=cfg.zarr_format,
+                workers=workers,
+                progress=progress,
+            )
+        else:
+            write_image(
+                spec,
+                tmp,
+                fmt=cfg.format,
+                mpp=cfg.mpp,
+                jpeg_quality=cfg.jpeg_quality,
+                tile_px=cfg.tile_px,
+                workers=workers,
+                progress=progress,
+            )
+
+
+def generate(cfg: SynthConfig, progress: bool = False) -> list[SlideEntry]:
+    """Write ``cfg.n_slides`` synthetic slides and their tables into ``cfg.out``.
+
+    ``cfg`` fields left None take the preset's values. Returns the slide-table entries
+    (absolute paths). Raises ConfigError for bad options before writing anything.
+    """
+    cfg = resolve_config(cfg)
+    out = Path(cfg.out)
+    specs = build_specs(cfg)
+    splits = assign_splits([s.label for s in specs], parse_splits(cfg.splits), cfg.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    ext = EXTENSIONS[cfg.format]
+    entries: list[SlideEntry] = []
+
+    from tqdm.auto import tqdm
+
+    slides_bar = tqdm(specs, desc="synth slides", unit="slide", disable=not progress, position=0)
+    for spec, split in zip(slides_bar, splits, strict=True):
+        path = (out / f"{spec.slide_id}{ext}").resolve()
+        n_tiles = (
+            count_tiles(spec.width_px, spec.height_px, cfg.tile_px)
+            if cfg.format in ("tiff", "ome-zarr")
+            else None
+        )
+        if n_tiles is None:
+            n_tiles = -(-spec.width_px // cfg.tile_px) * -(-spec.height_px // cfg.tile_px)
+        with tqdm(
+            total=n_tiles,
+            desc=spec.slide_id,
+            unit="tile",
+            disable=not progress,
+            position=1,
+            leave=False,
+        ) as bar:
+            write_slide(spec, path, cfg, progress=bar.update)
+        entries.append(SlideEntry(spec.slide_id, path, spec.label, split))
+        log.debug("wrote %s (label %d, %d markers)", path, spec.label, len(spec.markers))
+
+    _write_markers(specs, out / "markers.csv")
+    with atomic_path(out / "slides.csv") as tmp:
+        write_slide_table(entries, tmp)
+    if cfg.preset == "seed":
+        with atomic_path(out / "labels.csv") as tmp, open(tmp, "w", newline="") as f:
+            w = csv.writer(f, lineterminator="\n")
+            for e in entries:
+                w.writerow([e.path.name, e.label])
+    save_resolved(cfg, out / "synth.yaml")
+    return entries
+
+
+def _write_markers(specs: list[SlideSpec], path: Path) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(MARKER_COLUMNS)
+        for s in specs:
+            for m in s.markers:
+                w.writerow([s.slide_id, m.shape, *m.bbox, m.colour, m.thickness_px, int(m.filled)])
