@@ -42,7 +42,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         tile = test_image(1024, 1024, seed=1)
         img = np.tile(tile, (a.size // 1024, a.size // 1024, 1))
-        p = make_pyramidal_tiff(Path(d) / "bench.tif", img, n_levels=4, tile_px=256, compression="jpeg")
+        p = make_pyramidal_tiff(
+            Path(d) / "bench.tif", img, n_levels=4, tile_px=256, compression="jpeg"
+        )
         del img
         rng = np.random.default_rng(0)
         xy = rng.integers(0, a.size - 224, (a.n, 2))
@@ -69,14 +71,22 @@ def main() -> None:
                 with open_slide(p, backend=name) as s:
                     s.thumbnail(1024)
 
-            res[name] = {"patches": _time(patches), "windows": _time(windows), "thumbnail": _time(thumb)}
+            res[name] = {
+                "patches": _time(patches),
+                "windows": _time(windows),
+                "thumbnail": _time(thumb),
+            }
             outs[name] = windows(keep=True)
-        same = all(np.array_equal(u, v) for u, v in zip(outs["tiff"], outs["openslide"], strict=True))
+        same = all(
+            np.array_equal(u, v) for u, v in zip(outs["tiff"], outs["openslide"], strict=True)
+        )
         mp = a.size * a.size / 1e6
         print(f"slide {a.size}x{a.size} JPEG q90, 256 px tiles; identical window pixels: {same}")
         for k in ("patches", "windows", "thumbnail"):
             t, o = res["tiff"][k], res["openslide"][k]
-            extra = f"  (tiff {mp / t:.0f} MP/s, openslide {mp / o:.0f} MP/s)" if k == "windows" else ""
+            extra = (
+                f"  (tiff {mp / t:.0f} MP/s, openslide {mp / o:.0f} MP/s)" if k == "windows" else ""
+            )
             print(f"{k:>10}: openslide time / tiff time = {o / t:.2f}{extra}")
 
 
