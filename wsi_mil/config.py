@@ -146,23 +146,29 @@ class ExtractConfig:
     encoder: str = "resnet-patch-cnn"
     feature_dim: int = 128
     weights: Path | None = None
+    norm: str = "bn"  # bn | groupnorm (must match the weights)
     batch_size: int = 64
-    workers: int | None = None
+    workers: int | None = None  # patch-reading threads; None: from the CPUs this job may use
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "float32"  # stored features: float32 | float16
     seed: int = 0  # initialisation of an untrained encoder
     backend: str | None = None
+    patches: Path | None = None  # folder of <slide_id>.zarr patch stores; None: W/patches
+    features: Path | None = None  # output folder; None: W/features/<encoder-tag>
+    overwrite: bool = False  # recompute even when the output is current
 
 
 @dataclass
 class ModelConfig:
-    in_dim: int = 128
-    pos_dim: int = 32  # learned positional encoding width (0 = off)
-    attn_dim: int = 64
-    hidden_dim: int = 64
-    gated: bool = False
-    dropout: float = 0.0
-    use_pos: bool = True
+    """The MIL head (wsi_mil.mil.model.PositionalAttentionMIL); defaults = the seed's."""
+
+    in_dim: int = 128  # patch feature width D (set from the feature stores at training time)
+    pos_dim: int = 32  # learned positional encoding width (MLP 2 -> pos_dim -> pos_dim; 0 = off)
+    attn_dim: int = 64  # attention MLP hidden width
+    hidden_dim: int = 64  # classifier hidden width
+    gated: bool = False  # gated attention (Ilse et al. 2018) instead of the seed's tanh MLP
+    dropout: float = 0.0  # on the patch embeddings and the classifier's hidden layer
+    use_pos: bool = True  # off automatically when a feature store has no coords
 
 
 @dataclass
@@ -186,7 +192,10 @@ class TrainConfig:
     fold: int = 0
     early_stop: str = "val_loss"  # val_loss | val_auc | none
     patience: int = 10
+    min_delta: float = 0.0  # improvement needed to reset early-stopping patience
+    bags_per_step: int = 1  # bags per optimizer step (summed over ranks with torchrun)
     resume: bool = False
+    overwrite: bool = False  # start afresh in a run folder that already holds a run
     seed: int = 0
     device: str = "auto"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -205,9 +214,10 @@ class PredictConfig:
     run: Path = Path("runs/default")
     features: Path | None = None
     checkpoint: str = "best"  # best | last | PATH
-    threshold: float = 0.5
+    threshold: float = 0.5  # prob >= threshold -> predicted positive
     split: str | None = None  # only slides of this split; None = all
     device: str = "auto"
+    attention: bool = True  # write R/attention/<slide_id>.h5
 
 
 @dataclass

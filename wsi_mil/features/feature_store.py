@@ -1,15 +1,27 @@
 """Feature store: ``W/features/<encoder-tag>/<slide_id>.h5`` — *contract* format.
 
 Root datasets ``features`` float32 (N, D) and ``coords`` int64 (N, 2) (the
-CLAM/TRIDENT layout); ``coords`` attrs ``patch_size``, ``patch_level``; root attrs
-``encoder``, ``encoder_weights_sha256``, ``level0_width``, ``level0_height``,
-``mpp``, ``downsample``, ``wsi_mil_version``. Files are written under a temporary
-name and renamed into place.
+CLAM/TRIDENT layout); ``coords`` attrs ``patch_size`` (px at ``patch_level``),
+``patch_level``, ``patch_size_level0``; root attrs ``encoder``, ``encoder_tag``,
+``encoder_weights_sha256``, ``level0_width``, ``level0_height``, ``mpp``, ``downsample``,
+``patch_size_level0``, ``slide_path``, ``source_store``, ``source_digest``,
+``wsi_mil_version``. Files are written under a temporary name and renamed into place.
+
+Readers (:func:`open_features`) also accept other tools' layouts:
+
+- CLAM ``h5_files/<id>.h5``: root ``features`` (N, D) float32 + ``coords`` (N, 2) int32;
+- CLAM ``pt_files/<id>.pt``: a (N, D) tensor, coords from the matching ``h5_files/<id>.h5``
+  or CLAM's ``patches/<id>.h5``;
+- TRIDENT ``features_<encoder>/<id>.h5``: ``features`` + ``coords`` with ``coords`` attrs
+  ``patch_size``, ``patch_size_level0``, ``level0_magnification`` ...
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +32,10 @@ import numpy as np
 from wsi_mil import __version__
 from wsi_mil.batch import atomic_path
 from wsi_mil.errors import StoreError
+
+log = logging.getLogger(__name__)
+
+CHUNK_BYTES = 1 << 20  # ~1 MiB feature chunks: cheap partial writes, quick whole reads
 
 
 @dataclass
@@ -47,8 +63,103 @@ class FeatureBag:
             wh = np.array(self.level0_size, np.float64)
         else:  # other tools' stores may lack slide size: use the extent of the patch grid
             ps = float(self.attrs.get("patch_size_level0", 0) or 0)
-            wh = self.coords.max(axis=0).astype(np.float64) + max(ps, 1.0)
+            wh = (
+                self.coords.max(axis=0).astype(np.float64) + max(ps, 1.0)
+                if len(self.coords)
+                else np.ones(2)
+            )
         return (self.coords / np.maximum(wh, 1.0)).astype(np.float32)
+
+
+# ---------------------------------------------------------------- writing
+class FeatureStoreWriter:
+    """Stream features of one slide into a store; atomic: nothing appears until :meth:`commit`.
+
+    ``with FeatureStoreWriter(path, n, dim, coords, attrs, patch_size, patch_level) as w:``
+    ``    w.write(start, feats)`` ... ; ``w.commit()``. Leaving without commit removes the temp file.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        n: int,
+        dim: int,
+        coords: np.ndarray,
+        attrs: dict[str, Any],
+        patch_size: int,
+        patch_level: int,
+        dtype: str = "float32",
+        coords_attrs: dict[str, Any] | None = None,
+    ) -> None:
+        if dtype not in ("float32", "float16"):
+            raise ValueError(f"dtype must be float32 or float16, got {dtype!r}")
+        self.path = Path(path)
+        self.n, self.dim, self.dtype = int(n), int(dim), dtype
+        self.coords = np.asarray(coords, np.int64).reshape(-1, 2)
+        if len(self.coords) != self.n:
+            raise ValueError(f"{len(self.coords)} coords for {n} features")
+        self.attrs = attrs
+        self.coords_attrs = {
+            "patch_size": int(patch_size),
+            "patch_level": int(patch_level),
+            **(coords_attrs or {}),
+        }
+        self._ctx = atomic_path(self.path)
+        self._committed = False
+        self._written = 0
+
+    def __enter__(self) -> FeatureStoreWriter:
+        self.tmp = self._ctx.__enter__()
+        try:
+            self.f = h5py.File(self.tmp, "w", rdcc_nbytes=4 * CHUNK_BYTES)
+            itemsize = np.dtype(self.dtype).itemsize
+            rows = max(1, min(self.n, CHUNK_BYTES // max(1, self.dim * itemsize)))
+            self.dset = self.f.create_dataset(
+                "features",
+                shape=(self.n, self.dim),
+                dtype=self.dtype,
+                chunks=(rows, self.dim) if self.n else None,
+            )
+            c = self.f.create_dataset("coords", data=self.coords)
+            for k, v in self.coords_attrs.items():
+                c.attrs[k] = _h5_value(v)
+        except BaseException:
+            self._ctx.__exit__(*sys.exc_info())
+            raise
+        return self
+
+    def write(self, start: int, feats: np.ndarray) -> None:
+        """Write (n, D) features at rows [start, start + n)."""
+        feats = np.asarray(feats)
+        if feats.ndim != 2 or feats.shape[1] != self.dim:
+            raise ValueError(f"features of shape {feats.shape}, store expects (n, {self.dim})")
+        self.dset[start : start + len(feats)] = feats.astype(self.dtype, copy=False)
+        self._written += len(feats)
+
+    def commit(self) -> None:
+        """Write the root attrs (last) and mark the store for renaming into place."""
+        for k, v in {**self.attrs, "n_patches": self.n, "wsi_mil_version": __version__}.items():
+            self.f.attrs[k] = _h5_value(v)
+        self._committed = True
+
+    def __exit__(self, et: Any, ev: Any, tb: Any) -> bool:
+        self.f.close()
+        if et is None and not self._committed:
+            et, ev = StoreError, StoreError(f"{self.path}: writer closed without commit()")
+            self._ctx.__exit__(et, ev, None)
+            raise ev
+        return bool(self._ctx.__exit__(et, ev, tb))
+
+
+def _h5_value(v: Any) -> Any:
+    """HDF5 attrs cannot hold None or Paths: None -> "" (read back as None), Path -> str."""
+    if v is None:
+        return ""
+    if isinstance(v, Path):
+        return str(v)
+    if isinstance(v, dict):
+        return json.dumps(v, sort_keys=True, default=str)
+    return v
 
 
 def write_features(
@@ -65,44 +176,219 @@ def write_features(
     coords = np.asarray(coords, np.int64).reshape(-1, 2)
     if features.ndim != 2 or len(features) != len(coords):
         raise ValueError(f"features {features.shape} and coords {coords.shape} disagree")
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-        f.create_dataset("features", data=features.astype(dtype), chunks=True if len(features) else None)
-        c = f.create_dataset("coords", data=coords)
-        c.attrs["patch_size"] = int(patch_size)
-        c.attrs["patch_level"] = int(patch_level)
-        for k, v in {**attrs, "wsi_mil_version": __version__}.items():
-            f.attrs[k] = "" if v is None else v
+    with FeatureStoreWriter(
+        path, len(features), features.shape[1], coords, attrs, patch_size, patch_level, dtype
+    ) as w:
+        if len(features):
+            w.write(0, features)
+        w.commit()
 
 
-def open_features(path: str | os.PathLike) -> FeatureBag:
-    """Read one feature store (ours; CLAM/TRIDENT ``.h5`` layouts share the root datasets)."""
+# ---------------------------------------------------------------- reading
+def open_features(
+    path: str | os.PathLike, coords_path: str | os.PathLike | None = None
+) -> FeatureBag:
+    """Read one feature store: ours, CLAM ``h5_files``/``pt_files`` or TRIDENT ``features_*``.
+
+    ``coords_path``: an HDF5 file with a ``coords`` dataset, for ``.pt`` features (default:
+    looked up next to them, CLAM-style). Without coords the bag's ``coords`` is None.
+    """
     p = Path(path)
     if not p.exists():
-        raise StoreError(f"{p}: feature store not found", "run 'wsi-mil extract' or pass --features DIR")
+        raise StoreError(
+            f"{p}: feature store not found", "run 'wsi-mil extract' or pass --features DIR"
+        )
+    if p.suffix.lower() == ".pt":
+        return _open_pt(p, Path(coords_path) if coords_path else None)
     try:
         with h5py.File(p, "r") as f:
             if "features" not in f:
-                raise StoreError(f"{p}: no 'features' dataset", "expected CLAM/TRIDENT layout: root 'features' (N, D) and 'coords' (N, 2)")
+                raise StoreError(
+                    f"{p}: no 'features' dataset",
+                    "expected CLAM/TRIDENT layout: root 'features' (N, D) and 'coords' (N, 2)",
+                )
             feats = np.asarray(f["features"][:], np.float32)
-            coords = np.asarray(f["coords"][:], np.int64) if "coords" in f else None
             attrs = {k: _plain(v) for k, v in f.attrs.items()}
+            attrs.update({f"features_{k}": _plain(v) for k, v in f["features"].attrs.items()})
+            coords = None
             if "coords" in f:
+                coords = np.asarray(f["coords"][:], np.int64)
                 attrs.update({f"coords_{k}": _plain(v) for k, v in f["coords"].attrs.items()})
     except StoreError:
         raise
     except OSError as e:
-        raise StoreError(f"{p}: unreadable HDF5 file ({e})", "delete it and re-run 'wsi-mil extract'") from None
+        raise StoreError(
+            f"{p}: unreadable HDF5 file ({e})", "delete it and re-run 'wsi-mil extract'"
+        ) from None
+    if coords is None and coords_path is not None:
+        coords, extra = _read_coords_h5(Path(coords_path))
+        attrs.update({f"coords_{k}": v for k, v in extra.items()})
+    return _make_bag(p, feats, coords, attrs)
+
+
+def _open_pt(p: Path, coords_path: Path | None) -> FeatureBag:
+    import torch
+
+    try:
+        obj = _torch_load_arrays(p)
+    except Exception as e:  # noqa: BLE001
+        raise StoreError(
+            f"{p}: cannot load with torch.load(weights_only=True): {str(e).splitlines()[0][:200]}",
+            "expected a (N, D) tensor as CLAM's pt_files hold",
+        ) from None
+    if isinstance(obj, dict):
+        obj = obj.get("features", obj.get("feats"))
+    if isinstance(obj, torch.Tensor):
+        obj = obj.detach().float().cpu().numpy()
+    if not isinstance(obj, np.ndarray):
+        raise StoreError(
+            f"{p}: holds {type(obj).__name__}, not a features tensor",
+            "expected a (N, D) tensor as CLAM's pt_files hold",
+        )
+    feats = np.asarray(obj, np.float32)
+    coords, attrs = None, {}
+    cpath = coords_path or _find_coords_for_pt(p)
+    if cpath is not None:
+        coords, extra = _read_coords_h5(cpath)
+        attrs = {f"coords_{k}": v for k, v in extra.items()}
+        attrs["coords_file"] = str(cpath)
+    else:
+        log.info(
+            "%s: no coords h5 found (h5_files/ or patches/); positional encoding will be off", p
+        )
+    return _make_bag(p, feats, coords, attrs)
+
+
+def _torch_load_arrays(p: Path) -> Any:
+    """``torch.load(weights_only=True)``, also allowing plain numpy arrays (TRIDENT's .pt)."""
+    import torch
+
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
+    dtypes = [type(np.dtype(t)) for t in (np.float16, np.float32, np.float64, np.int32, np.int64)]
+    with torch.serialization.safe_globals([_reconstruct, np.ndarray, np.dtype, *dtypes]):
+        return torch.load(p, map_location="cpu", weights_only=True)
+
+
+def _find_coords_for_pt(p: Path) -> Path | None:
+    """CLAM: ``<feat_dir>/pt_files/<id>.pt`` -> ``<feat_dir>/h5_files/<id>.h5`` or ``patches/<id>.h5``."""
+    stem, d = p.stem, p.parent
+    for cand in (
+        d.parent / "h5_files" / f"{stem}.h5",
+        d / f"{stem}.h5",
+        d.parent / "patches" / f"{stem}.h5",
+        d.parent.parent / "patches" / f"{stem}.h5",
+        d.parent / "patches" / f"{stem}_patches.h5",
+    ):
+        if cand.is_file():
+            try:
+                with h5py.File(cand, "r") as f:
+                    if "coords" in f:
+                        return cand
+            except OSError:
+                continue
+    return None
+
+
+def _read_coords_h5(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
+    try:
+        with h5py.File(path, "r") as f:
+            if "coords" not in f:
+                raise StoreError(
+                    f"{path}: no 'coords' dataset",
+                    "pass the CLAM/TRIDENT patches or h5_files file of this slide",
+                )
+            return np.asarray(f["coords"][:], np.int64), {
+                k: _plain(v) for k, v in f["coords"].attrs.items()
+            }
+    except OSError as e:
+        raise StoreError(f"{path}: unreadable HDF5 coords file ({e})") from None
+
+
+def _make_bag(
+    p: Path, feats: np.ndarray, coords: np.ndarray | None, attrs: dict[str, Any]
+) -> FeatureBag:
     if feats.ndim == 3 and feats.shape[0] == 1:  # some tools store (1, N, D)
         feats = feats[0]
     if coords is not None and coords.ndim == 3 and coords.shape[0] == 1:
         coords = coords[0]
-    for k in ("mpp", "downsample", "encoder_weights_sha256"):
+    if feats.ndim != 2:
+        raise StoreError(f"{p}: features have shape {feats.shape}, expected (N, D)")
+    if coords is not None:
+        coords = coords.reshape(-1, 2) if coords.size else np.zeros((0, 2), np.int64)
+        if len(coords) != len(feats):
+            raise StoreError(
+                f"{p}: {len(feats)} features but {len(coords)} coords",
+                "the coords file belongs to another slide or tiling",
+            )
+    for k in ("mpp", "downsample", "encoder_weights_sha256", "slide_path"):
         if attrs.get(k) == "":  # HDF5 attrs cannot hold None; we write "" for "unknown"
             attrs[k] = None
+    if not attrs.get("patch_size_level0"):
+        ps0 = _patch_size_level0_from_coords_attrs(attrs)
+        if ps0 is None and coords is not None:
+            ps0 = _infer_patch_spacing(coords)
+            attrs["patch_size_level0_inferred"] = ps0 is not None
+        if ps0 is not None:
+            attrs["patch_size_level0"] = ps0
     size = None
     if attrs.get("level0_width") and attrs.get("level0_height"):
         size = (int(attrs["level0_width"]), int(attrs["level0_height"]))
     return FeatureBag(feats, coords, attrs, p, size)
+
+
+def _patch_size_level0_from_coords_attrs(attrs: dict[str, Any]) -> int | None:
+    """TRIDENT stores ``patch_size_level0``; CLAM's patches h5 ``patch_size`` + ``downsample``."""
+    if attrs.get("coords_patch_size_level0"):
+        return int(attrs["coords_patch_size_level0"])
+    ps, ds = attrs.get("coords_patch_size"), attrs.get("coords_downsample")
+    if ps and ds is not None:
+        d = float(ds[0]) if isinstance(ds, list | tuple) else float(ds)
+        return int(round(float(ps) * d))
+    if ps and attrs.get("coords_patch_level") == 0:
+        return int(ps)
+    return None
+
+
+def _infer_patch_spacing(coords: np.ndarray) -> int | None:
+    """Smallest positive gap between distinct x (or y) coords: the grid step, ~ patch size."""
+    gaps = []
+    for axis in (0, 1):
+        u = np.unique(coords[:, axis])
+        if len(u) > 1:
+            gaps.append(int(np.diff(u).min()))
+    return min(gaps) if gaps else None
+
+
+def find_feature_file(features_dir: str | os.PathLike, slide_id: str) -> Path | None:
+    """The feature file of ``slide_id`` under ``features_dir``, in any supported layout, or None.
+
+    Looks for ``<id>.h5`` (ours), CLAM ``h5_files/<id>.h5`` then ``pt_files/<id>.pt``,
+    ``<id>.pt``, and TRIDENT ``features_*/<id>.h5`` (``features_dir`` may be the
+    ``features_<enc>`` folder, its parent, or the TRIDENT job folder). Several TRIDENT
+    encoders holding the slide is ambiguous: :class:`StoreError` asks for the exact folder.
+    """
+    d = Path(features_dir)
+    for cand in (
+        d / f"{slide_id}.h5",
+        d / "h5_files" / f"{slide_id}.h5",
+        d / "pt_files" / f"{slide_id}.pt",
+        d / f"{slide_id}.pt",
+    ):
+        if cand.is_file():
+            return cand
+    for pattern in (f"features_*/{slide_id}.h5", f"*/features_*/{slide_id}.h5"):
+        hits = sorted(p for p in d.glob(pattern) if p.is_file())
+        if len(hits) == 1:
+            return hits[0]
+        if len(hits) > 1:
+            raise StoreError(
+                f"{d}: several feature files for {slide_id}: {', '.join(str(h.parent.relative_to(d)) for h in hits)}",
+                "pass the one features_<encoder> folder to use",
+            )
+    return None
 
 
 def _plain(v: Any) -> Any:
