@@ -31,7 +31,10 @@ T = TypeVar("T")
 
 # ---------------------------------------------------------------- CPUs
 def available_cpus() -> int:
-    """CPUs this process may use: min of affinity, cgroup quota and SLURM_CPUS_PER_TASK."""
+    """CPUs this process may use: min of affinity, cgroup quota and SLURM_CPUS_PER_TASK.
+
+    Under ``torchrun`` the ranks of a node share them: divided by ``LOCAL_WORLD_SIZE``.
+    """
     counts: list[int] = []
     try:
         counts.append(len(os.sched_getaffinity(0)))
@@ -43,19 +46,23 @@ def available_cpus() -> int:
     slurm = os.environ.get("SLURM_CPUS_PER_TASK")
     if slurm and slurm.isdigit() and int(slurm) > 0:
         counts.append(int(slurm))
-    return max(1, min(counts))
+    n = max(1, min(counts))
+    local = os.environ.get("LOCAL_WORLD_SIZE", "")
+    if local.isdigit() and int(local) > 1:
+        n = max(1, n // int(local))
+    return n
 
 
-def _cgroup_cpu_quota() -> int | None:
+def _cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> int | None:
     try:  # cgroup v2
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        quota, period = (root / "cpu.max").read_text().split()[:2]
         if quota != "max":
             return max(1, int(int(quota) // int(period)))
     except (OSError, ValueError):
         pass
     try:  # cgroup v1
-        q = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
-        p = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        q = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        p = int((root / "cpu" / "cpu.cfs_period_us").read_text())
         if q > 0 and p > 0:
             return max(1, q // p)
     except (OSError, ValueError):
@@ -124,7 +131,9 @@ def params_digest(params: dict[str, Any]) -> str:
 # ---------------------------------------------------------------- atomic outputs
 def tmp_sibling(final: Path) -> Path:
     """A unique temporary name next to ``final`` (same filesystem, so rename is atomic)."""
-    return final.with_name(f".{final.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+    return final.with_name(
+        f".{final.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    )
 
 
 @contextlib.contextmanager
@@ -199,7 +208,9 @@ def output_lock(final: str | os.PathLike, blocking: bool = False) -> Iterator[bo
 FAILURE_COLUMNS = ["time", "stage", "slide_id", "path", "reason"]
 
 
-def record_failure(work: str | os.PathLike, stage: str, slide_id: str, path: Any, reason: str) -> None:
+def record_failure(
+    work: str | os.PathLike, stage: str, slide_id: str, path: Any, reason: str
+) -> None:
     """Append one row to ``W/failures.csv`` (locked, so shards can share it)."""
     f = Path(work) / "failures.csv"
     f.parent.mkdir(parents=True, exist_ok=True)
@@ -210,7 +221,9 @@ def record_failure(work: str | os.PathLike, stage: str, slide_id: str, path: Any
         if fh.tell() == 0:
             w.writerow(FAILURE_COLUMNS)
         now = _dt.datetime.now().isoformat(timespec="seconds")
-        w.writerow([now, stage, slide_id, "" if path is None else str(path), reason.replace("\n", " ")])
+        w.writerow(
+            [now, stage, slide_id, "" if path is None else str(path), reason.replace("\n", " ")]
+        )
         fh.flush()
         fcntl.flock(fh, fcntl.LOCK_UN)
 
