@@ -1,13 +1,76 @@
-"""`wsi-mil predict` (not implemented yet)."""
+"""`wsi-mil predict`: slide scores, metrics and attention of a trained run. Thin: parse, call predict."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import click
 
-from wsi_mil.cli.common import config_option, not_implemented
+from wsi_mil.cli.common import config_option, progress_enabled, slide_inputs, work_option
 
 
-@click.command("predict", help="Not implemented yet.")
+@click.command(
+    "predict",
+    help="""Score slides with a trained run and write its predictions and attention maps.
+
+    \b
+    R/predictions.csv        slide_id,label,prob,split
+    R/metrics.json           AUC, accuracy, balanced accuracy, F1, sensitivity,
+                             specificity per split and overall, with the threshold
+    R/attention/<id>.h5      coords (N,2) level-0 xy + attention (N,) per slide
+    R/plots/roc.png          ROC curves
+    \b
+    The split of a slide is the one it had in training (R/splits.csv), else the
+    slide table's. Slides without a feature store are skipped with a warning.
+    """,
+)
 @config_option
-def command(**kw: object) -> None:
-    not_implemented("predict")(**kw)
+@slide_inputs
+@work_option
+@click.option(
+    "--run",
+    "-r",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("runs/default"),
+    show_default=True,
+    help="Run folder written by 'wsi-mil train'.",
+)
+@click.option(
+    "--features",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder of <slide_id>.h5 feature stores. Default: the one the run was trained on.",
+)
+@click.option(
+    "--checkpoint", default="best", show_default=True, help="best | last | PATH to a checkpoint."
+)
+@click.option(
+    "--threshold",
+    type=float,
+    default=0.5,
+    show_default=True,
+    help="prob >= threshold is called positive (accuracy, F1, sensitivity, specificity).",
+)
+@click.option(
+    "--split",
+    type=click.Choice(["train", "val", "test"]),
+    default=None,
+    help="Only slides of this split (default: all).",
+)
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N.")
+@click.option(
+    "--attention/--no-attention", default=True, show_default=True, help="Write R/attention/<id>.h5."
+)
+def command(slides_csv: str | None, slide_paths: tuple[str, ...], **kw: Any) -> None:
+    from wsi_mil.config import PredictConfig
+    from wsi_mil.slides.table import read_slide_table
+    from wsi_mil.train.predict import predict
+
+    kw["work"] = Path(kw["work"])
+    cfg = PredictConfig(**kw)
+    entries = read_slide_table(slides_csv, slide_paths)
+    predict(cfg, entries, progress=progress_enabled())
+    click.echo(
+        f"predictions: {cfg.run / 'predictions.csv'}, metrics: {cfg.run / 'metrics.json'}", err=True
+    )

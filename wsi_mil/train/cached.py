@@ -1,0 +1,165 @@
+"""``wsi-mil train --mode cached``: train the MIL head on cached feature stores.
+
+All bags are read once into memory (N x D float32 per slide), so an epoch costs only the
+head's forward/backward passes. Writes the run folder ``R/``: ``config.yaml`` (resolved),
+``splits.csv``, ``checkpoints/{last,best}.pt``, ``metrics.csv``, ``plots/training.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from wsi_mil.batch import atomic_path, available_cpus
+from wsi_mil.config import TrainConfig, save_resolved
+from wsi_mil.errors import ConfigError, DataError
+from wsi_mil.mil.bags import Bag, load_bags, resolve_features_dir
+from wsi_mil.mil.model import PositionalAttentionMIL
+from wsi_mil.slides.table import SlideEntry
+from wsi_mil.train import distributed as dist_
+from wsi_mil.train.loop import Trainer, seed_everything
+from wsi_mil.train.splits import TRAIN, VAL, assign_splits
+
+log = logging.getLogger(__name__)
+
+
+def select_splits(cfg: TrainConfig, entries: Sequence[SlideEntry]) -> dict[str, str]:
+    """slide_id -> train | val | test for the labelled entries (unlabelled ones are left out)."""
+    labelled = [e for e in entries if e.label is not None]
+    unlabelled = [e.slide_id for e in entries if e.label is None]
+    if unlabelled:
+        log.info(
+            "%d slides have no label and are not used for training: %s",
+            len(unlabelled),
+            ", ".join(unlabelled[:10]),
+        )
+    if not labelled:
+        raise DataError("no slide in the table has a label", "training needs a 0/1 'label' column")
+    return assign_splits(
+        [e.slide_id for e in labelled],
+        [int(e.label) for e in labelled],  # type: ignore[arg-type]
+        [e.split for e in labelled],
+        val_frac=cfg.val_frac,
+        folds=cfg.folds,
+        fold=cfg.fold,
+        seed=cfg.seed,
+    )
+
+
+def check_train_classes(train: Sequence[Bag]) -> None:
+    labels = {b.label for b in train}
+    if len(train) == 0:
+        raise DataError(
+            "the training split is empty",
+            "mark slides as train in the split column, or lower --val-frac",
+        )
+    if labels != {0, 1}:
+        only = next(iter(labels))
+        raise DataError(
+            f"the training split has only label {only} ({len(train)} slides)",
+            "a classifier needs both 0 and 1 slides in training; check the labels and the split column",
+        )
+
+
+def prepare_run_dir(cfg: TrainConfig) -> Path:
+    """Refuse to overwrite a finished or running run unless --resume or --overwrite."""
+    run = Path(cfg.run)
+    last = run / "checkpoints" / "last.pt"
+    if last.exists() and not (cfg.resume or cfg.overwrite):
+        raise ConfigError(
+            f"run folder {run} already holds a run ({last})",
+            "pass --resume to continue it, --overwrite to start afresh, or another --run",
+        )
+    if cfg.overwrite and not cfg.resume:
+        for p in (
+            run / "checkpoints" / "last.pt",
+            run / "checkpoints" / "best.pt",
+            run / "metrics.csv",
+        ):
+            p.unlink(missing_ok=True)
+    run.mkdir(parents=True, exist_ok=True)
+    return run
+
+
+def write_splits_csv(path: Path, bags: Sequence[Bag], splits: dict[str, str]) -> None:
+    """``R/splits.csv``: slide_id,label,split of every slide the run trained or validated on."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["slide_id", "label", "split"])
+        for b in bags:
+            w.writerow([b.slide_id, b.label, splits[b.slide_id]])
+
+
+def train_cached(cfg: TrainConfig, entries: Sequence[SlideEntry], progress: bool = True) -> Path:
+    """Train the MIL head on cached features; returns the run folder ``R``.
+
+    Reads ``<features>/<slide_id>.h5`` for every labelled slide of the train/val splits.
+    """
+    info = dist_.init_distributed(cfg.device)
+    if info.device.type == "cpu":  # torch defaults to all cores, ignoring SLURM/cgroup limits
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), available_cpus())))
+    try:
+        return _train_cached(cfg, entries, info, progress)
+    finally:
+        dist_.cleanup(info)
+
+
+def _train_cached(
+    cfg: TrainConfig, entries: Sequence[SlideEntry], info: dist_.DistInfo, progress: bool
+) -> Path:
+    main = dist_.is_main(info)
+    splits = select_splits(cfg, entries)
+    features_dir = resolve_features_dir(cfg.work, cfg.features, cfg)
+    use = [e for e in entries if splits.get(e.slide_id) in (TRAIN, VAL)]
+    bags = load_bags(use, features_dir, require_labels=True, progress=progress and main)
+    train = [b for b in bags if splits[b.slide_id] == TRAIN]
+    val = [b for b in bags if splits[b.slide_id] == VAL]
+    check_train_classes(train)
+
+    model_cfg = dataclasses.replace(cfg.model, in_dim=bags[0].dim)
+    no_xy = [b.slide_id for b in bags if not b.has_coords]
+    if model_cfg.use_pos and model_cfg.pos_dim > 0 and no_xy:
+        log.warning(
+            "%d feature stores have no coords (e.g. %s): positional encoding off",
+            len(no_xy),
+            no_xy[0],
+        )
+        model_cfg = dataclasses.replace(model_cfg, use_pos=False)
+    resolved = dataclasses.replace(cfg, features=features_dir, model=model_cfg)
+
+    run = Path(cfg.run)
+    if main:
+        run = prepare_run_dir(cfg)
+        save_resolved(resolved, run / "config.yaml")
+        write_splits_csv(run / "splits.csv", bags, splits)
+    dist_.barrier(info)
+    log.info(
+        "training on %d slides (%d pos), validating on %d; D=%d, positional encoding %s",
+        len(train),
+        sum(b.label == 1 for b in train),
+        len(val),
+        model_cfg.in_dim,
+        "on" if model_cfg.use_pos and model_cfg.pos_dim > 0 else "off",
+    )
+
+    seed_everything(cfg.seed)
+    model = PositionalAttentionMIL(model_cfg)
+    trainer = Trainer(resolved, model, train, val, run, info=info, progress=progress)
+    trainer.fit()
+    if main:
+        _plot_history(trainer, run)
+    return run
+
+
+def _plot_history(trainer: Trainer, run: Path) -> None:
+    from wsi_mil.train.plots import plot_training_curves
+
+    try:
+        plot_training_curves(trainer.history, run / "plots" / "training.png")
+    except Exception as e:  # noqa: BLE001 - a plot must never fail a finished training run
+        log.warning("could not draw %s: %s", run / "plots" / "training.png", e)

@@ -1,0 +1,271 @@
+"""``wsi-mil predict``: slide scores, metrics and attention maps from a trained run.
+
+Writes into the run folder ``R/``: ``predictions.csv`` (slide_id,label,prob,split),
+``metrics.json`` (per split and overall, with the threshold used), ``attention/<id>.h5``
+(``coords`` int64 (N, 2) level-0 xy, ``attention`` float32 (N,) + slide attrs) and
+``plots/roc.png``. Bags are read one at a time, so memory is one slide's N x D features.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+import yaml
+
+from wsi_mil.batch import atomic_path
+from wsi_mil.config import PredictConfig
+from wsi_mil.errors import ConfigError, DataError, StoreError
+from wsi_mil.features.feature_store import FeatureBag, open_features
+from wsi_mil.mil.bags import Bag, bag_from_feature_bag, check_labels, find_stores
+from wsi_mil.mil.model import PositionalAttentionMIL, model_from_checkpoint
+from wsi_mil.slides.table import SlideEntry
+from wsi_mil.train.loop import load_checkpoint_file
+from wsi_mil.train.metrics import binary_metrics
+
+log = logging.getLogger(__name__)
+
+PRED_COLUMNS = ["slide_id", "label", "prob", "split"]
+
+
+def read_run_config(run: str | Path) -> dict[str, Any]:
+    """The resolved training config ``R/config.yaml`` as a dict."""
+    p = Path(run) / "config.yaml"
+    if not p.is_file():
+        raise StoreError(
+            f"{run} is not a training run folder (no config.yaml)",
+            "pass the --run folder 'wsi-mil train' wrote",
+        )
+    return yaml.safe_load(p.read_text()) or {}
+
+
+def checkpoint_path(run: str | Path, which: str) -> Path:
+    """``best`` | ``last`` -> ``R/checkpoints/<which>.pt``; anything else is a path."""
+    if which in ("best", "last"):
+        return Path(run) / "checkpoints" / f"{which}.pt"
+    return Path(which)
+
+
+def read_run_splits(run: str | Path) -> dict[str, str]:
+    """slide_id -> split the run trained/validated it in (``R/splits.csv``), if present."""
+    p = Path(run) / "splits.csv"
+    if not p.is_file():
+        return {}
+    with open(p, newline="") as fh:
+        return {r["slide_id"]: r["split"] for r in csv.DictReader(fh)}
+
+
+def _device(spec: str) -> torch.device:
+    spec = (spec or "auto").lower()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"--device {spec} but no CUDA device is visible", "use --device cpu or auto"
+        )
+    return torch.device(spec)
+
+
+def iter_cached_bags(
+    entries: Sequence[SlideEntry], features_dir: Path
+) -> Iterator[tuple[SlideEntry, FeatureBag]]:
+    """(entry, FeatureBag) one at a time; slides without a store are skipped with one warning."""
+    found, missing = find_stores(entries, features_dir)
+    if missing:
+        shown = ", ".join(missing[:10]) + (
+            f" ... (+{len(missing) - 10} more)" if len(missing) > 10 else ""
+        )
+        log.warning(
+            "%d of %d slides have no feature store in %s and are skipped: %s",
+            len(missing),
+            len(entries),
+            features_dir,
+            shown,
+        )
+    if not found:
+        raise DataError(
+            f"none of the {len(entries)} slides has a feature store in {features_dir}",
+            "pass the right --features DIR",
+        )
+    for e, p in found:
+        yield e, open_features(p)
+
+
+@torch.no_grad()
+def predict_bag(
+    model: PositionalAttentionMIL, bag: Bag, device: torch.device
+) -> tuple[float, np.ndarray]:
+    """(probability, attention (N,) float32) for one bag."""
+    xy = bag.norm_coords.to(device) if bag.norm_coords is not None else None
+    try:
+        out = model(bag.features.to(device), xy)
+    except DataError as e:
+        raise DataError(f"slide {bag.slide_id}: {e.message}", e.hint) from None
+    return float(torch.sigmoid(out.logit)), out.attention.float().cpu().numpy()
+
+
+def write_attention(path: Path, bag: Bag, attention: np.ndarray, prob: float, split: str) -> None:
+    """``R/attention/<id>.h5`` in the agreed layout (see module doc), written atomically."""
+    coords = bag.coords if bag.coords is not None else np.full((len(bag), 2), -1, np.int64)
+    ps0 = int(bag.attrs.get("patch_size_level0") or 0)
+    if bag.level0_size is not None:
+        w, h = bag.level0_size
+    elif bag.coords is not None:
+        w, h = (int(v) for v in bag.coords.max(axis=0) + ps0)
+    else:
+        w = h = 0
+    slide_path = bag.slide_path or bag.attrs.get("slide_path") or ""
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("coords", data=np.asarray(coords, np.int64))
+        f.create_dataset("attention", data=np.asarray(attention, np.float32))
+        attrs = {
+            "slide_id": bag.slide_id,
+            "slide_path": str(slide_path),
+            "patch_size_level0": ps0,
+            "level0_width": int(w),
+            "level0_height": int(h),
+            "prob": float(prob),
+            "label": -1 if bag.label is None else int(bag.label),
+            "split": split or "",
+            "has_coords": bag.coords is not None,
+            "feature_store": str(bag.path or ""),
+        }
+        for k, v in attrs.items():
+            f.attrs[k] = v
+
+
+def metrics_by_split(rows: Sequence[dict[str, Any]], threshold: float) -> dict[str, Any]:
+    """{"splits": {split: metrics}, "overall": metrics} over labelled rows."""
+    lab = [r for r in rows if r["label"] is not None]
+    by: dict[str, list[dict[str, Any]]] = {}
+    for r in lab:
+        by.setdefault(r["split"] or "none", []).append(r)
+
+    def m(rs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        return binary_metrics([r["label"] for r in rs], [r["prob"] for r in rs], threshold)
+
+    return {
+        "splits": {k: m(v) for k, v in sorted(by.items())},
+        "overall": m(lab) if lab else None,
+    }
+
+
+def predict(
+    cfg: PredictConfig, entries: Sequence[SlideEntry], progress: bool = True
+) -> dict[str, Any]:
+    """Score ``entries`` with run ``cfg.run``; writes the files above and returns metrics.json's dict."""
+    from tqdm.auto import tqdm
+
+    run = Path(cfg.run)
+    run_cfg = read_run_config(run)
+    if not 0.0 <= cfg.threshold <= 1.0:
+        raise ConfigError(f"--threshold {cfg.threshold} is outside [0, 1]")
+    ck_path = checkpoint_path(run, cfg.checkpoint)
+    ck = load_checkpoint_file(ck_path)
+    device = _device(cfg.device)
+    model = model_from_checkpoint(ck).to(device).eval()
+    check_labels(entries, require=False)
+
+    run_splits = read_run_splits(run)
+    split_of = {e.slide_id: run_splits.get(e.slide_id) or e.split or "" for e in entries}
+    if cfg.split:
+        entries = [e for e in entries if split_of[e.slide_id] == cfg.split]
+        if not entries:
+            raise ConfigError(
+                f"no slide has split {cfg.split!r}", "check --split (train, val or test)"
+            )
+
+    if run_cfg.get("mode", "cached") == "e2e":
+        from wsi_mil.train.e2e import encode_bags
+
+        source: Any = encode_bags(run, entries, cfg.work, device)
+    else:
+        fdir = cfg.features or run_cfg.get("features")
+        if not fdir:
+            raise ConfigError(
+                "no --features folder given and the run does not record one", "pass --features DIR"
+            )
+        if not Path(fdir).is_dir():
+            raise ConfigError(f"feature folder {fdir} does not exist", "pass --features DIR")
+        source = iter_cached_bags(entries, Path(fdir))
+
+    rows: list[dict[str, Any]] = []
+    bar = tqdm(source, total=len(entries), desc="predict", unit="slide", disable=not progress)
+    for entry, fb in bar:
+        bag = bag_from_feature_bag(entry, fb)
+        if bag.dim != model.in_dim:
+            raise DataError(
+                f"{bag.path}: slide {bag.slide_id} has D={bag.dim} features, the model was trained on D={model.in_dim}",
+                "use the feature folder (encoder) the run was trained with",
+            )
+        prob, att = predict_bag(model, bag, device)
+        split = split_of.get(entry.slide_id, "")
+        if cfg.attention:
+            write_attention(run / "attention" / f"{entry.slide_id}.h5", bag, att, prob, split)
+        rows.append(
+            {"slide_id": entry.slide_id, "label": entry.label, "prob": prob, "split": split}
+        )
+        del bag, fb
+
+    with atomic_path(run / "predictions.csv") as tmp, open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=PRED_COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow(
+                {**r, "label": "" if r["label"] is None else r["label"], "prob": f"{r['prob']:.6f}"}
+            )
+
+    result = {
+        "run": str(run),
+        "checkpoint": str(ck_path),
+        "epoch": int(ck.get("epoch", 0)),
+        "threshold": float(cfg.threshold),
+        "n_slides": len(rows),
+        "n_labelled": sum(r["label"] is not None for r in rows),
+        **metrics_by_split(rows, cfg.threshold),
+    }
+    with atomic_path(run / "metrics.json") as tmp:
+        Path(tmp).write_text(json.dumps(result, indent=2) + "\n")
+    _plot_roc(run, rows)
+    _log_summary(result)
+    return result
+
+
+def _plot_roc(run: Path, rows: Sequence[dict[str, Any]]) -> None:
+    from wsi_mil.train.plots import plot_roc
+
+    curves: dict[str, tuple[list[int], list[float]]] = {}
+    for r in rows:
+        if r["label"] is None:
+            continue
+        for key in (r["split"] or "none", "all"):
+            y, p = curves.setdefault(key, ([], []))
+            y.append(int(r["label"]))
+            p.append(float(r["prob"]))
+    if len(curves) == 2:  # one split only: "all" is the same curve
+        curves.pop("all")
+    try:
+        plot_roc(curves, run / "plots" / "roc.png")
+    except Exception as e:  # noqa: BLE001 - a plot must never fail prediction
+        log.warning("could not draw %s: %s", run / "plots" / "roc.png", e)
+
+
+def _log_summary(result: dict[str, Any]) -> None:
+    for name, m in result["splits"].items():
+        auc = "n/a" if m["auc"] is None else f"{m['auc']:.3f}"
+        bal = "n/a" if m["balanced_accuracy"] is None else f"{m['balanced_accuracy']:.3f}"
+        log.info(
+            "%-5s n=%d  AUC %s  accuracy %.3f  balanced accuracy %s",
+            name,
+            m["n"],
+            auc,
+            m["accuracy"],
+            bal,
+        )
