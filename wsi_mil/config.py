@@ -122,22 +122,24 @@ class SynthConfig:
 
 @dataclass
 class TileConfig:
+    """`wsi-mil tile` (wsi_mil.tiling.tile_slides)."""
+
     work: Path = Path("work")
     patch_size: int = 224  # px at the output resolution
     stride: int | None = None  # px at the output resolution; None = patch_size
     level: int | None = None  # read this pyramid level ...
-    mpp: float | None = None  # ... or this target resolution (microns per px)
-    mpp_tolerance: float = 0.1  # relative; a level within it is used as-is
+    mpp: float | None = None  # ... or this target resolution (microns per px); neither: level 0
+    mpp_tolerance: float = 0.1  # relative; a level within it is used as-is, else resize
     slide_mpp: float | None = None  # override the slide's level-0 mpp
     tissue: str = "otsu"  # otsu | none
-    min_tissue: float = 0.1  # min tissue fraction per patch
+    min_tissue: float = 0.1  # min tissue fraction per patch (otsu)
     thumbnail_px: int = 2048  # longest side of the thumbnail tissue is computed on
-    pixels: bool = True
-    compression: str = "jpeg"  # jpeg | zstd | none
-    jpeg_quality: int = 90
-    clam_h5: bool = False
-    workers: int | None = None  # None: CPUs this job may use
+    pixels: bool = True  # store pixels (else coords only; later stages read the slide)
+    compression: str = "zstd"  # zstd (lossless) | lz4 (lossless, faster, larger) | none
+    clam_h5: bool = False  # also write CLAM's W/patches/<slide_id>.h5 coords file
+    workers: int | None = None  # read threads; None: CPUs this job may use
     backend: str | None = None
+    overwrite: bool = False  # rebuild even when the store is current
 
 
 @dataclass

@@ -1,0 +1,420 @@
+"""`wsi-mil tile`: slide -> tissue mask -> patch grid -> zarr patch store (+ pixels).
+
+Per slide (:func:`tile_slide`): take the output lock, skip if the store is complete and
+was built from the same file (fingerprint) with the same parameters (digest), otherwise
+compute the tissue mask on a thumbnail, lay the grid at the chosen level, keep patches
+with enough tissue, write a QC PNG, and write the store under a temporary name (pixels
+read tile-aligned, see :mod:`wsi_mil.tiling.read`), renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wsi_mil.batch import (
+    BatchResult,
+    Skip,
+    SlideWarning,
+    atomic_path,
+    available_cpus,
+    file_fingerprint,
+    output_lock,
+    params_digest,
+    run_per_slide,
+    shard_items,
+)
+from wsi_mil.config import TileConfig, save_resolved
+from wsi_mil.errors import ConfigError, SlideError, StoreError
+from wsi_mil.tiling.grid import LevelChoice, choose_level, grid_level_xy, level_to_level0_xy
+from wsi_mil.tiling.patch_store import COMPRESSIONS, PatchStore, PatchStoreWriter
+from wsi_mil.tiling.read import iter_patch_chunks
+from wsi_mil.tiling.tissue import (
+    TISSUE_METHODS,
+    inside_fraction,
+    patch_tissue_fraction,
+    tissue_mask,
+)
+
+log = logging.getLogger(__name__)
+
+#: bump when a change in the algorithm changes the stores for the same parameters
+TILING_VERSION = 1
+#: patches per zarr chunk of ``pixels``; writes go in groups of WRITE_CHUNKS chunks
+CHUNK_PATCHES = 64
+WRITE_CHUNKS = 4
+
+
+def patches_dir(work: str | Path) -> Path:
+    """``W/patches``: where patch stores (and CLAM .h5 coords) go."""
+    return Path(work) / "patches"
+
+
+def masks_dir(work: str | Path) -> Path:
+    """``W/masks``: QC PNGs of tissue mask + kept patches."""
+    return Path(work) / "masks"
+
+
+def validate_config(cfg: TileConfig) -> None:
+    """Raise ConfigError for option values that can never work (before touching any slide)."""
+    if cfg.patch_size < 1:
+        raise ConfigError(f"--patch-size must be >= 1, got {cfg.patch_size}")
+    if cfg.stride is not None and cfg.stride < 1:
+        raise ConfigError(f"--stride must be >= 1, got {cfg.stride}")
+    if cfg.level is not None and cfg.mpp is not None:
+        raise ConfigError("--level and --mpp are exclusive", "give one of them")
+    if cfg.level is not None and cfg.level < 0:
+        raise ConfigError(f"--level must be >= 0, got {cfg.level}")
+    if cfg.mpp is not None and cfg.mpp <= 0:
+        raise ConfigError(f"--mpp must be > 0, got {cfg.mpp}")
+    if cfg.slide_mpp is not None and cfg.slide_mpp <= 0:
+        raise ConfigError(f"--slide-mpp must be > 0, got {cfg.slide_mpp}")
+    if cfg.tissue not in TISSUE_METHODS:
+        raise ConfigError(
+            f"--tissue {cfg.tissue!r} is unknown", f"choose one of {', '.join(TISSUE_METHODS)}"
+        )
+    if not 0.0 <= cfg.min_tissue <= 1.0:
+        raise ConfigError(f"--min-tissue must be in [0, 1], got {cfg.min_tissue}")
+    if cfg.compression not in COMPRESSIONS:
+        raise ConfigError(
+            f"--compression {cfg.compression!r} is unknown",
+            f"choose one of {', '.join(COMPRESSIONS)}",
+        )
+    if cfg.thumbnail_px < 64:
+        raise ConfigError(f"--thumbnail-px must be >= 64, got {cfg.thumbnail_px}")
+    if cfg.workers is not None and cfg.workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {cfg.workers}")
+
+
+def tiling_params(cfg: TileConfig) -> dict[str, Any]:
+    """The options that determine a store's content (their digest decides rebuilds)."""
+    return {
+        "tiling_version": TILING_VERSION,
+        "patch_size": cfg.patch_size,
+        "stride": cfg.stride if cfg.stride is not None else cfg.patch_size,
+        "level": cfg.level,
+        "mpp": cfg.mpp,
+        "mpp_tolerance": cfg.mpp_tolerance,
+        "slide_mpp": cfg.slide_mpp,
+        "tissue": cfg.tissue,
+        "min_tissue": cfg.min_tissue,
+        "thumbnail_px": cfg.thumbnail_px,
+        "pixels": cfg.pixels,
+        "compression": cfg.compression if cfg.pixels else None,
+        "backend": cfg.backend,
+        "chunk_patches": CHUNK_PATCHES,
+    }
+
+
+def tile_slides(
+    cfg: TileConfig,
+    entries: Sequence[Any],
+    shard: tuple[int, int] = (0, 1),
+    progress: bool = True,
+    debug: bool = False,
+) -> BatchResult:
+    """Tile every slide of shard ``shard`` = (I, N) of ``entries`` (SlideEntry) into ``W/patches``.
+
+    Returns the BatchResult (exit_code 0: all done or current, 1: some slides failed, listed
+    in ``W/failures.csv``). Raises ConfigError for bad options.
+    """
+    validate_config(cfg)
+    work = Path(cfg.work)
+    out = patches_dir(work)
+    out.mkdir(parents=True, exist_ok=True)
+    save_resolved(cfg, out / "config.yaml")
+    items = shard_items(list(entries), shard, key=lambda e: e.slide_id)
+    workers = cfg.workers or available_cpus()
+    with ThreadPoolExecutor(workers, thread_name_prefix="tile-read") as pool:
+        return run_per_slide(
+            "tile",
+            items,
+            lambda e: tile_slide(cfg, e, pool=pool, progress=progress),
+            work,
+            slide_id=lambda e: e.slide_id,
+            slide_path=lambda e: e.path,
+            progress=progress,
+            debug=debug,
+        )
+
+
+def store_is_current(final: Path, fingerprint: dict | None, digest: str) -> bool:
+    """True when ``final`` is a complete store of the same slide file and parameters."""
+    if not final.exists():
+        return False
+    try:
+        store = PatchStore.open(final)
+    except StoreError:
+        return False
+    return (
+        store.attrs.get("params_digest") == digest
+        and store.attrs.get("slide_fingerprint") == fingerprint
+    )
+
+
+def tile_slide(
+    cfg: TileConfig,
+    entry: Any,
+    pool: ThreadPoolExecutor | None = None,
+    progress: bool = False,
+) -> Path:
+    """Tile one slide (``entry``: SlideEntry) into ``W/patches/<slide_id>.zarr``; returns the path.
+
+    Raises Skip when the store is current (or another process holds its lock) and
+    SlideWarning after writing an empty store for a slide without tissue.
+    """
+    from wsi_mil.slides import open_slide
+
+    sid = entry.slide_id
+    if entry.path is None:
+        raise SlideError(
+            f"{sid}: the slide table gives no path", "add the slide's path to the table"
+        )
+    path = Path(entry.path)
+    final = patches_dir(cfg.work) / f"{sid}.zarr"
+    digest = params_digest(tiling_params(cfg))
+    if not path.exists():
+        raise SlideError(f"{path}: file not found", "check the slide table's path column")
+    fingerprint = file_fingerprint(path)
+    with output_lock(final) as held:
+        if not held:
+            log.info("%s: another process is writing %s; leaving it to that process", sid, final)
+            raise Skip(sid)
+        if not cfg.overwrite and store_is_current(final, fingerprint, digest):
+            if cfg.clam_h5 and not clam_h5_path(cfg.work, sid).exists():
+                write_clam_h5(PatchStore.open(final), clam_h5_path(cfg.work, sid), sid)
+            raise Skip(sid)
+        _remove_stale_tmps(final)
+        with open_slide(path, backend=cfg.backend, mpp=cfg.slide_mpp) as slide:
+            n = _build_store(cfg, sid, path, slide, final, fingerprint, digest, pool, progress)
+        if cfg.clam_h5:
+            write_clam_h5(PatchStore.open(final), clam_h5_path(cfg.work, sid), sid)
+    if n == 0:
+        raise SlideWarning(
+            f"no tissue found in {path} (tissue={cfg.tissue}, min-tissue={cfg.min_tissue}); "
+            f"wrote an empty patch store {final} that later stages skip "
+            "(try --tissue none for all-foreground images, or a lower --min-tissue)"
+        )
+    return final
+
+
+def _build_store(
+    cfg: TileConfig,
+    sid: str,
+    path: Path,
+    slide: Any,
+    final: Path,
+    fingerprint: dict | None,
+    digest: str,
+    pool: ThreadPoolExecutor | None,
+    progress: bool,
+) -> int:
+    w0, h0 = slide.dimensions
+    choice = choose_level(
+        slide.level_downsamples,
+        cfg.patch_size,
+        cfg.stride,
+        level=cfg.level,
+        target_mpp=cfg.mpp,
+        slide_mpp=slide.mpp,
+        mpp_tolerance=cfg.mpp_tolerance,
+    )
+    lw, lh = slide.level_dimensions[choice.level]
+    level_xy = grid_level_xy(lw, lh, choice.stride_level)
+    level0_xy = level_to_level0_xy(level_xy, choice.level_downsample)
+
+    thumb = slide.thumbnail(cfg.thumbnail_px)
+    mask = tissue_mask(thumb, cfg.tissue)
+    scale = (w0 / thumb.shape[1], h0 / thumb.shape[0])
+    if cfg.tissue == "none":
+        tissue = inside_fraction(level0_xy, choice.patch_px_level0, w0, h0)
+        keep = np.ones(len(level0_xy), bool)
+    else:
+        tissue = patch_tissue_fraction(mask, scale, level0_xy, choice.patch_px_level0)
+        keep = tissue >= cfg.min_tissue
+    level_xy, level0_xy, tissue = level_xy[keep], level0_xy[keep], tissue[keep]
+    write_mask_png(masks_dir(cfg.work) / f"{sid}.png", thumb, mask, level0_xy, choice, scale)
+
+    attrs = _store_attrs(cfg, sid, path, slide, choice, fingerprint, digest, thumb.shape)
+    with PatchStoreWriter(
+        final,
+        level0_xy,
+        attrs,
+        pixels=cfg.pixels,
+        chunk_patches=CHUNK_PATCHES,
+        compressors=cfg.compression,
+        tissue=tissue,
+    ) as writer:
+        if cfg.pixels and len(level_xy):
+            _write_pixels(writer, slide, choice, level_xy, pool, progress, sid)
+        writer.commit()
+    return len(level0_xy)
+
+
+def _store_attrs(
+    cfg: TileConfig,
+    sid: str,
+    path: Path,
+    slide: Any,
+    choice: LevelChoice,
+    fingerprint: dict | None,
+    digest: str,
+    thumb_shape: tuple[int, ...],
+) -> dict[str, Any]:
+    w0, h0 = slide.dimensions
+    lw, lh = slide.level_dimensions[choice.level]
+    return {
+        "slide_id": sid,
+        "slide_path": str(path.resolve()),
+        "slide_fingerprint": fingerprint,
+        "backend": slide.backend,
+        "level": choice.level,
+        "level_downsample": choice.level_downsample,
+        "downsample": choice.downsample,
+        "patch_size": choice.patch_px,
+        "patch_size_level": choice.patch_px_level,
+        "patch_size_level0": choice.patch_px_level0,
+        "stride": cfg.stride if cfg.stride is not None else cfg.patch_size,
+        "stride_level": choice.stride_level,
+        "mpp": slide.mpp,
+        "target_mpp": cfg.mpp,
+        "output_mpp": None if slide.mpp is None else slide.mpp * choice.downsample,
+        "level0_width": int(w0),
+        "level0_height": int(h0),
+        "level_width": int(lw),
+        "level_height": int(lh),
+        "tissue_method": cfg.tissue,
+        "min_tissue": cfg.min_tissue,
+        "thumbnail_size": [int(thumb_shape[1]), int(thumb_shape[0])],
+        "compression": cfg.compression if cfg.pixels else None,
+        "params": tiling_params(cfg),
+        "params_digest": digest,
+    }
+
+
+def _write_pixels(
+    writer: PatchStoreWriter,
+    slide: Any,
+    choice: LevelChoice,
+    level_xy: np.ndarray,
+    pool: ThreadPoolExecutor | None,
+    progress: bool,
+    sid: str,
+) -> None:
+    """Cut patches tile-aligned in ``pool`` and write them, chunk-aligned, from a writer thread."""
+    from tqdm.auto import tqdm
+
+    own_pool = pool is None
+    pool = pool or ThreadPoolExecutor(available_cpus(), thread_name_prefix="tile-read")
+    q: queue.Queue = queue.Queue(maxsize=2)
+    errors: list[BaseException] = []
+
+    def drain() -> None:
+        while True:
+            item = q.get()
+            if item is None:
+                return
+            if not errors:
+                try:
+                    writer.write_pixels(*item)
+                except BaseException as e:  # noqa: BLE001 - re-raised in the caller
+                    errors.append(e)
+
+    t = threading.Thread(target=drain, name="tile-write", daemon=True)
+    t.start()
+    bar = tqdm(total=len(level_xy), desc=sid, unit="patch", disable=not progress, leave=False)
+    try:
+        chunks = iter_patch_chunks(
+            slide,
+            choice.level,
+            level_xy,
+            choice.patch_px_level,
+            choice.patch_px,
+            CHUNK_PATCHES * WRITE_CHUNKS,
+            pool,
+        )
+        for start, arr in chunks:
+            if errors:
+                break
+            q.put((start, arr))
+            bar.update(len(arr))
+    finally:
+        q.put(None)
+        t.join()
+        bar.close()
+        if own_pool:
+            pool.shutdown(wait=True, cancel_futures=True)
+    if errors:
+        raise errors[0]
+
+
+def write_mask_png(
+    path: Path,
+    thumb: np.ndarray,
+    mask: np.ndarray,
+    level0_xy: np.ndarray,
+    choice: LevelChoice,
+    level0_per_thumb_px: tuple[float, float],
+) -> None:
+    """QC image: thumbnail, tissue tinted green, outlines of kept patches in blue (atomic write)."""
+    from PIL import Image, ImageDraw
+
+    img = thumb.astype(np.float32)
+    img[mask] = img[mask] * 0.7 + np.array([0, 200, 0], np.float32) * 0.3
+    im = Image.fromarray(img.astype(np.uint8))
+    draw = ImageDraw.Draw(im)
+    sx, sy = level0_per_thumb_px
+    pw, ph = choice.patch_px_level0 / sx, choice.patch_px_level0 / sy
+    if pw >= 3 and ph >= 3:
+        for x, y in np.asarray(level0_xy, np.float64):
+            draw.rectangle(
+                [x / sx, y / sy, x / sx + pw - 1, y / sy + ph - 1], outline=(30, 60, 220)
+            )
+    else:  # patches too small to outline: shade them
+        shade = Image.new("L", im.size, 0)
+        sd = ImageDraw.Draw(shade)
+        for x, y in np.asarray(level0_xy, np.float64):
+            sd.rectangle([x / sx, y / sy, x / sx + pw, y / sy + ph], fill=90)
+        im = Image.composite(Image.new("RGB", im.size, (30, 60, 220)), im, shade)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        im.save(tmp, format="PNG", compress_level=1)
+
+
+def clam_h5_path(work: str | Path, slide_id: str) -> Path:
+    """CLAM's layout: ``W/patches/<slide_id>.h5``."""
+    return patches_dir(work) / f"{slide_id}.h5"
+
+
+def write_clam_h5(store: PatchStore, path: Path, slide_id: str) -> None:
+    """CLAM/TRIDENT coords file: dataset ``coords`` (N, 2) int64 level-0 xy with attrs
+    ``patch_size`` (px at ``patch_level``) and ``patch_level``, so their feature extractors
+    read our grid."""
+    import h5py
+
+    a = store.attrs
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        d = f.create_dataset("coords", data=store.coords.astype(np.int64))
+        d.attrs["patch_size"] = int(store.patch_size_level)
+        d.attrs["patch_level"] = int(store.level)
+        d.attrs["downsample"] = np.array([a["level_downsample"]] * 2, np.float64)
+        d.attrs["level_dim"] = np.array([a["level_width"], a["level_height"]], np.int64)
+        d.attrs["downsampled_level_dim"] = d.attrs["level_dim"]
+        d.attrs["patch_size_level0"] = int(round(float(a["patch_size_level0"])))
+        d.attrs["name"] = slide_id
+        d.attrs["save_path"] = str(path.parent)
+
+
+def _remove_stale_tmps(final: Path) -> None:
+    """Temp stores of ``final`` left by killed runs (safe: we hold ``final``'s lock)."""
+    import shutil
+
+    for p in final.parent.glob(f".{final.name}.tmp-*"):
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)

@@ -1,0 +1,127 @@
+"""Tissue detection on a thumbnail and per-patch tissue fractions (pure, no I/O).
+
+Default method (``otsu``): HSV saturation of the thumbnail, median-smoothed, thresholded
+with Otsu (never below a floor, so blank glass with a little noise stays background),
+then closing, hole filling and removal of specks. ``none`` treats the whole image as
+foreground (synthetic or pre-cropped images).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from wsi_mil.errors import ConfigError
+
+TISSUE_METHODS = ("otsu", "none")
+
+#: saturation (0..255) below which a pixel is never tissue, whatever Otsu says: blank
+#: glass has saturation ~0-10; the palest eosin stays above ~25.
+MIN_SATURATION = 20
+#: connected tissue pieces smaller than this fraction of the thumbnail are dropped
+MIN_OBJECT_FRACTION = 1e-4
+
+
+def saturation(rgb: np.ndarray) -> np.ndarray:
+    """(h, w) uint8 HSV saturation of an (h, w, 3) uint8 RGB image (0 for black and grey)."""
+    rgb = np.asarray(rgb, np.uint8)
+    mx = rgb.max(axis=2).astype(np.uint16)
+    mn = rgb.min(axis=2).astype(np.uint16)
+    return (((mx - mn) * 255 + mx // 2) // np.maximum(mx, 1)).astype(np.uint8)
+
+
+def otsu_threshold(values: np.ndarray) -> int:
+    """Otsu threshold (0..255) of uint8 values: the t maximising between-class variance of
+    ``values < t`` vs ``values >= t``. Constant input returns its value + 1 (all background)."""
+    hist = np.bincount(np.asarray(values, np.uint8).ravel(), minlength=256).astype(np.float64)
+    total = hist.sum()
+    if total == 0:
+        return 256
+    levels = np.arange(256, dtype=np.float64)
+    w0 = np.cumsum(hist)  # count of values <= t
+    m0 = np.cumsum(hist * levels)
+    w1 = total - w0
+    mean0 = np.divide(m0, w0, out=np.zeros(256), where=w0 > 0)
+    mean1 = np.divide(m0[-1] - m0, w1, out=np.zeros(256), where=w1 > 0)
+    between = w0 * w1 * (mean0 - mean1) ** 2
+    if not np.any(between > 0):
+        return int(np.argmax(hist)) + 1
+    return int(np.argmax(between)) + 1  # values <= argmax are background
+
+
+def tissue_mask(thumb_rgb: np.ndarray, method: str = "otsu") -> np.ndarray:
+    """(h, w) bool tissue mask of an (h, w, 3) uint8 thumbnail."""
+    if method not in TISSUE_METHODS:
+        raise ConfigError(
+            f"--tissue {method!r} is unknown", f"choose one of {', '.join(TISSUE_METHODS)}"
+        )
+    h, w = thumb_rgb.shape[:2]
+    if method == "none":
+        return np.ones((h, w), bool)
+    sat = ndi.uniform_filter(saturation(thumb_rgb), size=5, mode="nearest")
+    thr = max(otsu_threshold(sat), MIN_SATURATION)
+    mask = (sat >= thr).astype(np.uint8)
+    # closing (square, radius ~0.25% of the thumbnail) bridges gaps between nearby tissue
+    # pieces; max/min filters of a square are separable, so this stays fast at 2048 px
+    k = 2 * max(1, round(min(h, w) / 400)) + 1
+    mask = ndi.minimum_filter(
+        ndi.maximum_filter(mask, size=k, mode="nearest"), size=k, mode="nearest"
+    )
+    mask = ndi.binary_fill_holes(mask.astype(bool)).astype(np.uint8)
+    mask = ndi.maximum_filter(
+        ndi.minimum_filter(mask, size=3, mode="nearest"), size=3, mode="nearest"
+    )
+    return remove_small_objects(mask.astype(bool), max(4, int(MIN_OBJECT_FRACTION * h * w)))
+
+
+def remove_small_objects(mask: np.ndarray, min_px: int) -> np.ndarray:
+    """Drop 8-connected foreground components smaller than ``min_px`` pixels."""
+    lab, n = ndi.label(mask, structure=np.ones((3, 3), bool))
+    if n == 0:
+        return mask
+    sizes = np.bincount(lab.ravel())
+    keep = sizes >= min_px
+    keep[0] = False
+    return keep[lab]
+
+
+def patch_tissue_fraction(
+    mask: np.ndarray,
+    level0_per_mask_px: tuple[float, float],
+    level0_xy: np.ndarray,
+    patch_px_level0: float,
+) -> np.ndarray:
+    """(N,) float32 fraction of each patch's area that is tissue in ``mask``.
+
+    ``mask``: (h, w) bool thumbnail mask; ``level0_per_mask_px``: level-0 px per mask px in
+    (x, y); patches are squares of ``patch_px_level0`` level-0 px at ``level0_xy`` (N, 2).
+    The area outside the mask (past the image edge) counts as background. A patch covers at
+    least one mask pixel, so patches smaller than a mask pixel get 0 or 1.
+    """
+    xy = np.asarray(level0_xy, np.float64).reshape(-1, 2)
+    if len(xy) == 0:
+        return np.zeros(0, np.float32)
+    h, w = mask.shape
+    sx, sy = level0_per_mask_px
+    integral = np.zeros((h + 1, w + 1), np.int32)
+    integral[1:, 1:] = np.cumsum(np.cumsum(mask, axis=0, dtype=np.int32), axis=1, dtype=np.int32)
+    x0 = np.floor(xy[:, 0] / sx).astype(np.int64)
+    y0 = np.floor(xy[:, 1] / sy).astype(np.int64)
+    x1 = np.maximum(x0 + 1, np.ceil((xy[:, 0] + patch_px_level0) / sx - 1e-9).astype(np.int64))
+    y1 = np.maximum(y0 + 1, np.ceil((xy[:, 1] + patch_px_level0) / sy - 1e-9).astype(np.int64))
+    area = (x1 - x0) * (y1 - y0)
+    cx0, cx1 = np.clip(x0, 0, w), np.clip(x1, 0, w)
+    cy0, cy1 = np.clip(y0, 0, h), np.clip(y1, 0, h)
+    inside = integral[cy1, cx1] - integral[cy0, cx1] - integral[cy1, cx0] + integral[cy0, cx0]
+    return (inside / np.maximum(area, 1)).astype(np.float32)
+
+
+def inside_fraction(
+    level0_xy: np.ndarray, patch_px_level0: float, level0_w: int, level0_h: int
+) -> np.ndarray:
+    """(N,) float32 fraction of each square patch that lies inside the level-0 image."""
+    xy = np.asarray(level0_xy, np.float64).reshape(-1, 2)
+    p = float(patch_px_level0)
+    fx = np.clip(np.minimum(xy[:, 0] + p, level0_w) - np.maximum(xy[:, 0], 0), 0, p) / p
+    fy = np.clip(np.minimum(xy[:, 1] + p, level0_h) - np.maximum(xy[:, 1], 0), 0, p) / p
+    return (fx * fy).astype(np.float32)
