@@ -80,9 +80,9 @@ def test_pixel_store_equals_straight_from_slide(tmp_path, fx, level):
 
 
 def test_same_features_for_any_batch_size_and_workers(tmp_path, fx):
-    store = fx.write_random_store(tmp_path / "r.zarr", n=53, patch_px=32, chunk_patches=8)
-    ref = _feats(store, tmp_path, "ref", batch_size=53, workers=0).features
-    for bs, workers in [(1, 0), (7, 1), (8, 3), (20, 2), (64, 4)]:
+    store = fx.write_random_store(tmp_path / "r.zarr", n=29, patch_px=32, chunk_patches=8)
+    ref = _feats(store, tmp_path, "ref", batch_size=29, workers=0).features
+    for bs, workers in [(1, 0), (7, 1), (8, 3), (64, 2)]:
         got = _feats(store, tmp_path, f"b{bs}w{workers}", batch_size=bs, workers=workers).features
         np.testing.assert_allclose(
             got, ref, atol=ATOL, rtol=0, err_msg=f"batch {bs} workers {workers}"
