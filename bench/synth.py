@@ -34,7 +34,9 @@ def _child(kind: str, size: int, out: Path, tile_px: int) -> dict:
     import numpy as np
 
     from wsi_mil.synth import SynthConfig, build_specs, generate, resolve_config
-    from wsi_mil.synth.writers import level_shapes
+    from wsi_mil.synth.writers import level_shapes, single_threaded_blas
+
+    single_threaded_blas().__enter__()  # as generate() does, for every approach alike
 
     cfg = SynthConfig(
         out=out, n_slides=1, width_px=size, height_px=size, positive_fraction=1.0, tile_px=tile_px

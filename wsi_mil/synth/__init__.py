@@ -20,7 +20,14 @@ from wsi_mil.slides.table import SlideEntry, write_slide_table
 from wsi_mil.synth.markers import assign_splits, build_specs
 from wsi_mil.synth.render import Marker, SlideSpec, render_region
 from wsi_mil.synth.seed import PRESETS, parse_splits, resolve_config
-from wsi_mil.synth.writers import count_tiles, level_shapes, write_image, write_ome_zarr, write_tiff
+from wsi_mil.synth.writers import (
+    count_tiles,
+    level_shapes,
+    single_threaded_blas,
+    write_image,
+    write_ome_zarr,
+    write_tiff,
+)
 
 __all__ = [
     "PRESETS",
@@ -44,7 +51,7 @@ MARKER_COLUMNS = ["slide_id", "shape", "x0", "y0", "x1", "y1", "colour", "thickn
 def write_slide(spec: SlideSpec, path: Path, cfg: SynthConfig, progress=None) -> None:  # noqa: ANN001
     """Write one slide in ``cfg.format`` to ``path`` (atomically: temp name, then rename)."""
     workers = cfg.workers or available_cpus()
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp, single_threaded_blas():
         if cfg.format == "tiff":
             write_tiff(
                 spec,

@@ -8,6 +8,8 @@ own resolution (see render.py), so no level is ever held or re-read.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -20,6 +22,43 @@ from wsi_mil import __version__
 from wsi_mil.synth.render import SlideSpec, render_region
 
 Progress = Callable[[int], None]  # called with the number of tiles just finished
+
+
+@contextlib.contextmanager
+def single_threaded_blas() -> Iterator[None]:
+    """Run BLAS single-threaded inside: tiles are already rendered in parallel, and
+    OpenBLAS threads on tiny matrix products only fight those threads for the cores."""
+    lib = _openblas()
+    if lib is None:
+        yield
+        return
+    before = lib.get()
+    lib.set(1)
+    try:
+        yield
+    finally:
+        lib.set(before)
+
+
+@functools.cache
+def _openblas():  # noqa: ANN202
+    """numpy's bundled OpenBLAS thread controls, or None (other BLAS builds: left alone)."""
+    import ctypes
+    from types import SimpleNamespace
+
+    libdir = Path(np.__file__).parent.parent / "numpy.libs"
+    for so in sorted(libdir.glob("libscipy_openblas*.so*")) if libdir.is_dir() else []:
+        try:
+            lib = ctypes.CDLL(str(so))
+            for suffix in ("64_", "_64_", ""):
+                get = getattr(lib, f"scipy_openblas_get_num_threads{suffix}", None)
+                set_ = getattr(lib, f"scipy_openblas_set_num_threads{suffix}", None)
+                if get and set_:
+                    set_.argtypes = [ctypes.c_int]
+                    return SimpleNamespace(get=get, set=set_)
+        except OSError:
+            continue
+    return None
 
 
 def level_shapes(width_px: int, height_px: int, tile_px: int) -> list[tuple[int, int, int]]:
