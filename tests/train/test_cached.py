@@ -1,0 +1,259 @@
+"""Cached training end to end on real HDF5 feature stores (train_cached + predict)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import yaml
+from bag_factory import make_bags, write_bags, write_table
+
+from wsi_mil.config import ModelConfig, PredictConfig, TrainConfig
+from wsi_mil.errors import ConfigError, DataError
+from wsi_mil.slides.table import read_slide_table
+from wsi_mil.train import train
+from wsi_mil.train.loop import Trainer
+from wsi_mil.train.predict import predict
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny bags: thread start-up costs more than it saves (and the test machine is shared)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _setup(tmp_path, n_bags=24, dim=8, n_min=20, n_max=40, splits=None, **kw):
+    bags = make_bags(n_bags, dim=dim, n_min=n_min, n_max=n_max, **kw)
+    write_bags(bags, tmp_path / "feats")
+    entries = read_slide_table(write_table(bags, tmp_path / "slides.csv", splits))
+    return bags, entries
+
+
+def _cfg(tmp_path, run="run", **kw):
+    base = dict(
+        work=tmp_path / "w", run=tmp_path / run, features=tmp_path / "feats", epochs=4, device="cpu"
+    )
+    return TrainConfig(**{**base, **kw})
+
+
+def _weights(path):
+    return torch.load(path, weights_only=True)
+
+
+def test_mil_benchmark_auc_and_attention_localisation(tmp_path):
+    """Positives hide 2-5 shifted instances among 50-200: held-out AUC >= 0.95 and the
+    top-attended instance is a key instance in >= 90 % of held-out positive bags."""
+    splits = ["train"] * 50 + ["val"] * 10 + ["test"] * 40
+    bags, entries = _setup(
+        tmp_path, n_bags=100, dim=32, n_min=50, n_max=200, shift=2.5, splits=splits
+    )
+    run = train(_cfg(tmp_path, epochs=12), entries, progress=False)
+    res = predict(
+        PredictConfig(work=tmp_path / "w", run=run, device="cpu"), entries, progress=False
+    )
+    test = res["splits"]["test"]
+    assert test["n"] == 40
+    assert test["auc"] >= 0.95, test
+    hits = []
+    for b in bags[60:]:
+        if b.label == 1:
+            with h5py.File(run / "attention" / f"{b.slide_id}.h5") as f:
+                att = f["attention"][:]
+                assert np.array_equal(f["coords"][:], b.coords)
+            hits.append(bool(b.key[int(np.argmax(att))]))
+    assert len(hits) == 20
+    assert np.mean(hits) >= 0.9, hits
+
+
+def test_run_folder_contents(tmp_path):
+    _, entries = _setup(tmp_path)
+    run = train(_cfg(tmp_path), entries, progress=False)
+    for p in (
+        "config.yaml",
+        "splits.csv",
+        "metrics.csv",
+        "checkpoints/last.pt",
+        "checkpoints/best.pt",
+        "plots/training.png",
+    ):
+        assert (run / p).is_file(), p
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+    assert all(float(r["train_loss"]) > 0 and r["val_auc"] != "" for r in rows)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["model"]["in_dim"] == 8 and cfg["features"] == str(tmp_path / "feats")
+    ck = torch.load(run / "checkpoints" / "last.pt", weights_only=True)  # contract: weights_only
+    assert ck["epoch"] == 4 and len(ck["history"]) == 4
+    assert ck["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.999)
+    assert ck["optimizer"]["param_groups"][0]["weight_decay"] == 0.05
+
+    res = predict(
+        PredictConfig(work=tmp_path / "w", run=run, device="cpu"), entries, progress=False
+    )
+    preds = list(csv.DictReader(open(run / "predictions.csv")))
+    assert len(preds) == 24 and set(preds[0]) == {"slide_id", "label", "prob", "split"}
+    assert {r["split"] for r in preds} == {"train", "val"}
+    saved = json.loads((run / "metrics.json").read_text())
+    assert saved["threshold"] == 0.5 and set(saved["splits"]) == {"train", "val"}
+    assert saved["overall"]["n"] == 24 and res["overall"] == saved["overall"]
+    for k in ("auc", "accuracy", "balanced_accuracy", "f1", "sensitivity", "specificity"):
+        assert k in saved["overall"]
+    assert (run / "plots" / "roc.png").stat().st_size > 1000
+    with h5py.File(run / "attention" / "bag003.h5") as f:
+        assert f["coords"].dtype == np.int64 and f["attention"].dtype == np.float32
+        assert f["attention"].shape == (len(f["coords"]),)
+        assert f.attrs["slide_id"] == "bag003" and f.attrs["label"] == 1
+        assert f.attrs["patch_size_level0"] == 256 and f.attrs["level0_width"] > 0
+        assert f.attrs["split"] in ("train", "val") and 0 <= f.attrs["prob"] <= 1
+        assert f["attention"][:].sum() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_same_seed_same_weights(tmp_path):
+    _, entries = _setup(tmp_path)
+    model = ModelConfig(dropout=0.2)
+    a = _weights(
+        train(_cfg(tmp_path, "a", model=model), entries, progress=False) / "checkpoints" / "last.pt"
+    )
+    b = _weights(
+        train(_cfg(tmp_path, "b", model=model), entries, progress=False) / "checkpoints" / "last.pt"
+    )
+    c = _weights(
+        train(_cfg(tmp_path, "c", model=model, seed=1), entries, progress=False)
+        / "checkpoints"
+        / "last.pt"
+    )
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert not all(torch.equal(a["model"][k], c["model"][k]) for k in a["model"])
+
+
+def _assert_same_state(a, b):
+    assert a["epoch"] == b["epoch"]
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for pid, st in a["optimizer"]["state"].items():
+        for k, v in st.items():
+            assert torch.equal(v, b["optimizer"]["state"][pid][k]), (pid, k)
+    assert a["scheduler"] == b["scheduler"]
+    assert a["early_stopping"] == b["early_stopping"]
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+
+
+def test_resume_after_interruption_gives_identical_weights(tmp_path, monkeypatch):
+    """Stop after epoch 3 of 7 (dropout on, so RNG state matters), resume: equal to one run."""
+    _, entries = _setup(tmp_path)
+    kw = dict(epochs=7, model=ModelConfig(dropout=0.25), bags_per_step=2, patience=0)
+    full = train(_cfg(tmp_path, "full", **kw), entries, progress=False)
+
+    original = Trainer.end_epoch
+
+    def end_epoch_then_die(self, *a, **k):
+        original(self, *a, **k)
+        if self.epoch == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "end_epoch", end_epoch_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(tmp_path, "cut", **kw), entries, progress=False)
+    monkeypatch.setattr(Trainer, "end_epoch", original)
+    assert _weights(tmp_path / "cut" / "checkpoints" / "last.pt")["epoch"] == 3
+    torch.manual_seed(12345)  # the resumed run must not depend on the process's RNG state
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(_cfg(tmp_path, "cut", **kw), entries, progress=False)
+    train(_cfg(tmp_path, "cut", resume=True, **kw), entries, progress=False)
+    for name in ("last.pt", "best.pt"):
+        _assert_same_state(
+            _weights(full / "checkpoints" / name), _weights(tmp_path / "cut" / "checkpoints" / name)
+        )
+    assert (
+        (full / "metrics.csv").read_text().count("\n")
+        == (tmp_path / "cut" / "metrics.csv").read_text().count("\n")
+        == 8
+    )
+
+
+def test_resume_of_a_finished_run_does_nothing(tmp_path, caplog):
+    _, entries = _setup(tmp_path)
+    run = train(_cfg(tmp_path, epochs=2), entries, progress=False)
+    before = _weights(run / "checkpoints" / "last.pt")
+    train(_cfg(tmp_path, epochs=2, resume=True), entries, progress=False)
+    after = _weights(run / "checkpoints" / "last.pt")
+    assert all(torch.equal(before["model"][k], after["model"][k]) for k in before["model"])
+
+
+def test_early_stopping_stops(tmp_path):
+    _, entries = _setup(tmp_path, shift=0.0)  # nothing to learn: val loss stops improving
+    run = train(_cfg(tmp_path, epochs=40, patience=2, lr=1e-2), entries, progress=False)
+    ck = _weights(run / "checkpoints" / "last.pt")
+    assert ck["early_stopping"]["stopped"] and ck["epoch"] < 40
+    best = _weights(run / "checkpoints" / "best.pt")
+    assert best["epoch"] == ck["early_stopping"]["best_epoch"] == ck["epoch"] - 2
+
+
+def test_kfold_through_training(tmp_path):
+    _, entries = _setup(tmp_path)
+    val_sets = []
+    for fold in range(3):
+        run = train(
+            _cfg(tmp_path, f"f{fold}", epochs=1, folds=3, fold=fold), entries, progress=False
+        )
+        rows = list(csv.DictReader(open(run / "splits.csv")))
+        val_sets.append({r["slide_id"] for r in rows if r["split"] == "val"})
+    assert sum(len(v) for v in val_sets) == 24 and len(set().union(*val_sets)) == 24
+
+
+def test_stores_without_coords_switch_pos_off(tmp_path, caplog):
+    bags = make_bags(8, dim=8, n_min=5, n_max=9)
+    (tmp_path / "feats").mkdir()
+    for b in bags:
+        with h5py.File(tmp_path / "feats" / f"{b.slide_id}.h5", "w") as f:
+            f["features"] = b.features
+    entries = read_slide_table(write_table(bags, tmp_path / "slides.csv"))
+    with caplog.at_level(logging.WARNING):
+        run = train(_cfg(tmp_path, epochs=1, val_frac=0.0), entries, progress=False)
+    assert "positional encoding off" in caplog.text
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["use_pos"] is False
+    predict(PredictConfig(run=run, device="cpu"), entries, progress=False)
+    with h5py.File(run / "attention" / "bag000.h5") as f:
+        assert not f.attrs["has_coords"] and f["coords"].shape == (len(bags[0].features), 2)
+
+
+def test_pos_model_on_bag_without_coords_is_a_clear_error(tmp_path):
+    bags, entries = _setup(tmp_path, n_bags=8)
+    run = train(_cfg(tmp_path, epochs=1), entries, progress=False)
+    (tmp_path / "nocoords").mkdir()
+    with h5py.File(tmp_path / "nocoords" / "bag000.h5", "w") as f:
+        f["features"] = bags[0].features
+    with pytest.raises(DataError, match="bag000.*no coordinates.*--no-pos"):
+        predict(
+            PredictConfig(run=run, features=tmp_path / "nocoords", device="cpu"),
+            entries,
+            progress=False,
+        )
+
+
+def test_training_split_with_one_class(tmp_path):
+    splits = ["val" if b % 2 else "train" for b in range(24)]  # odd (positive) bags all in val
+    _, entries = _setup(tmp_path, splits=splits)
+    with pytest.raises(DataError, match="only label 0"):
+        train(_cfg(tmp_path), entries, progress=False)
+
+
+def test_predict_checks_dims_against_the_model(tmp_path):
+    _, entries = _setup(tmp_path, n_bags=8)
+    run = train(_cfg(tmp_path, epochs=1), entries, progress=False)
+    write_bags(make_bags(8, dim=4, n_min=5, n_max=9), tmp_path / "other")
+    with pytest.raises(DataError, match="D=4.*trained on D=8"):
+        predict(
+            PredictConfig(run=run, features=tmp_path / "other", device="cpu"),
+            entries,
+            progress=False,
+        )
