@@ -151,6 +151,41 @@ def stage_output(stage: str, config_path: str | os.PathLike) -> str:
     return ""
 
 
+def synth_up_to_date(config_path: str | os.PathLike) -> bool:
+    """True if ``synth``'s outputs exist and were made with the options the config gives now.
+
+    Regenerating would give the same pixels but new file times, which would make every
+    later stage redo its work; ``wsi-mil run`` therefore skips an up-to-date synth.
+    """
+    import yaml
+
+    from wsi_mil.config import SynthConfig, to_plain
+    from wsi_mil.slides import read_slide_table
+
+    try:
+        from wsi_mil.synth import resolve_config
+    except ImportError:
+        return False
+    opts = resolve_options("synth", config_path)
+    if not opts.get("out"):
+        return False
+    out = Path(opts["out"])
+    if not (out / "slides.csv").is_file() or not (out / "synth.yaml").is_file():
+        return False
+    if opts.get("zarr_format") is not None:
+        opts["zarr_format"] = int(opts["zarr_format"])
+    try:
+        fields = {f.name for f in dataclasses.fields(SynthConfig)}
+        want = to_plain(
+            resolve_config(SynthConfig(**{k: v for k, v in opts.items() if k in fields}))
+        )
+        have = yaml.safe_load((out / "synth.yaml").read_text())
+        entries = read_slide_table(out / "slides.csv")
+    except Exception:  # noqa: BLE001 - anything odd: regenerate
+        return False
+    return want == have and all(e.path is not None and e.path.exists() for e in entries)
+
+
 # ---------------------------------------------------------------- planning
 def plan_stages(config_path: str | os.PathLike, stages: Sequence[str] | None = None) -> list[str]:
     """Stages to run, in pipeline order.
@@ -259,6 +294,9 @@ def run_pipeline(
     runs: list[StageRun] = []
     final = 0
     for stage in plan:
+        if stage == "synth" and synth_up_to_date(config_path):
+            echo(f"[run] synth    up to date       -> {stage_output('synth', config_path)}")
+            continue
         t0 = time.perf_counter()
         code = invoke_stage(stage, config_path, global_args)
         sys.stderr.flush()
