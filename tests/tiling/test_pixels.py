@@ -1,0 +1,131 @@
+"""Stored pixels equal read_region of the same coordinates, on every backend, edge patches included."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from tiling.tiling_images import BACKEND_CASES, MPP
+
+from wsi_mil.config import TileConfig
+from wsi_mil.slides import PAD_VALUE, SlideEntry, open_slide
+from wsi_mil.tiling import PatchStore, tile_slides
+from wsi_mil.tiling.read import iter_patch_chunks, read_patches_from_slide
+
+# (level, mpp, patch, stride): level 0 with edges; level 1 overlapping; mpp between levels (resize)
+GEOMETRIES = [
+    pytest.param(None, None, 96, None, id="level0"),
+    pytest.param(1, None, 64, 48, id="level1-overlap"),
+    pytest.param(None, 0.75, 64, None, id="mpp-resize"),
+]
+
+
+def _tile(tmp_path, path, backend, **kw):
+    cfg = TileConfig(work=tmp_path / "w", tissue="none", backend=backend, workers=2, **kw)
+    res = tile_slides(cfg, [SlideEntry("s", path)], progress=False)
+    assert res.exit_code == 0 and res.done == ["s"], res.summary()
+    return PatchStore.open(tmp_path / "w" / "patches" / "s.zarr")
+
+
+CASES = [
+    pytest.param(case, *g.values, id=f"{case}-{g.id}")
+    for case in BACKEND_CASES
+    for g in GEOMETRIES
+    if not (case == "image-png" and g.values[0] is not None)  # a PNG has one level
+]
+
+
+@pytest.mark.parametrize(("case", "level", "mpp", "patch", "stride"), CASES)
+def test_store_pixels_equal_read_region(tmp_path, backend_slides, case, level, mpp, patch, stride):
+    path, backend = backend_slides[case]
+    store = _tile(
+        tmp_path,
+        path,
+        backend,
+        patch_size=patch,
+        stride=stride,
+        level=level,
+        mpp=mpp,
+        slide_mpp=MPP if case == "image-png" else None,
+    )
+    with open_slide(path, backend=backend, mpp=MPP) as slide:
+        w0, h0 = slide.dimensions
+        ref = read_patches_from_slide(
+            slide, store.coords, store.level, store.patch_size, store.patch_size_level
+        )
+    got = store.pixels(0, len(store))
+    assert got.shape == (len(store), patch, patch, 3) and got.dtype == np.uint8
+    np.testing.assert_array_equal(got, ref)
+    # edge patches are kept (and padded white past the image)
+    c = store.coords
+    assert (c[:, 0] + store.patch_size_level0).max() >= w0
+    assert (c[:, 1] + store.patch_size_level0).max() >= h0
+    last = got[-1]
+    assert (last == PAD_VALUE).all(axis=-1).any()  # bottom-right patch has padding
+    assert store.attrs["level"] == store.level and store.attrs["complete"] is True
+    if mpp is not None:
+        assert store.patch_size_level != store.patch_size  # really resized
+        assert store.downsample == pytest.approx(store.patch_size_level / patch)
+
+
+def test_store_pixels_equal_source_image(tmp_path, backend_slides, tiling_image):
+    """Independent of read_region: level-0 patches are crops of the source image."""
+    path, backend = backend_slides["tiff-ome"]
+    store = _tile(tmp_path, path, backend, patch_size=100)
+    h, w = tiling_image.shape[:2]
+    padded = np.full((h + 100, w + 100, 3), PAD_VALUE, np.uint8)
+    padded[:h, :w] = tiling_image
+    px = store.pixels(0, len(store))
+    for i, (x, y) in enumerate(store.coords):
+        np.testing.assert_array_equal(px[i], padded[y : y + 100, x : x + 100])
+    assert len(store) == 6 * 8  # ceil(520/100) x ceil(712/100): right/bottom strips kept
+
+
+@pytest.mark.parametrize("case", ["openslide", "tiff-ome", "zarr-0.5"])
+def test_each_native_tile_read_once(backend_slides, case):
+    """Blocks read are tile-aligned and disjoint, even with overlapping patches."""
+    path, backend = backend_slides[case]
+    with open_slide(path, backend=backend) as slide:
+        grid = slide.tile_grid(0)
+        assert grid is not None
+        reads: list[tuple[int, int, int, int]] = []
+        orig = slide.read_level_region
+
+        def spy(level, lx, ly, w, h):
+            reads.append((lx, ly, w, h))
+            return orig(level, lx, ly, w, h)
+
+        slide.read_level_region = spy
+        from wsi_mil.tiling.grid import grid_level_xy
+
+        xy = grid_level_xy(*slide.dimensions, 40)  # patch 72, stride 40: heavy overlap
+        with ThreadPoolExecutor(2) as pool:
+            chunks = list(iter_patch_chunks(slide, 0, xy, 72, 72, 16, pool))
+        slide.read_level_region = orig
+        got = np.concatenate([a for _, a in chunks])
+        np.testing.assert_array_equal(got, read_patches_from_slide(slide, xy, 0, 72, 72))
+    w0, h0 = slide.dimensions
+    tiles = []  # native tiles inside the image covered by the reads (blocks may run past it)
+    for lx, ly, w, h in reads:
+        assert lx % grid.tile_w == 0 and ly % grid.tile_h == 0
+        assert w % grid.tile_w == 0 and h % grid.tile_h == 0
+        for ty in range(ly, ly + h, grid.tile_h):
+            for tx in range(lx, lx + w, grid.tile_w):
+                if tx < w0 and ty < h0:
+                    tiles.append((tx, ty))
+    assert len(tiles) == len(set(tiles)), "a native tile was decoded twice"
+    assert len(set(tiles)) == -(-w0 // grid.tile_w) * -(-h0 // grid.tile_h)
+
+
+def test_lazy_slices_and_norm_coords(tmp_path, backend_slides):
+    path, backend = backend_slides["tiff-ome"]
+    store = _tile(tmp_path, path, backend, patch_size=128)
+    n = len(store)
+    assert store.pixels(3, 7).shape == (4, 128, 128, 3)
+    np.testing.assert_array_equal(store.read_patches(3, 7), store.pixels(3, 7))
+    nc = store.norm_coords
+    assert nc.dtype == np.float32 and nc.shape == (n, 2)
+    assert (nc >= 0).all() and (nc < 1).all()
+    assert store.tissue is not None and store.tissue.shape == (n,)
+    assert store.tissue.max() == 1.0 and store.tissue.min() < 1.0  # edge patches partly outside

@@ -1,0 +1,197 @@
+"""`wsi-mil tile` through the real CLI: batches with bad slides, resumption, skipping, sharding."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import yaml
+
+from wsi_mil.errors import StoreError
+from wsi_mil.tiling import PatchStore
+
+
+def _table(path: Path, rows: list[tuple[str, Path]]) -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["slide_id", "path"])
+        w.writerows([(sid, str(p)) for sid, p in rows])
+    return path
+
+
+def _same_store(a: Path, b: Path) -> None:
+    sa, sb = PatchStore.open(a), PatchStore.open(b)
+    np.testing.assert_array_equal(sa.coords, sb.coords)
+    np.testing.assert_array_equal(sa.tissue, sb.tissue)
+    assert sa.has_pixels == sb.has_pixels
+    if sa.has_pixels:
+        np.testing.assert_array_equal(sa.pixels(0, len(sa)), sb.pixels(0, len(sb)))
+    assert sa.attrs == sb.attrs
+
+
+def test_batch_with_corrupt_and_empty_slides(tmp_path, cli, make_slide):
+    good = make_slide("good", "tissue", 600, 800)
+    empty = make_slide("empty", "blank", 512, 512)
+    corrupt = tmp_path / "corrupt.tif"
+    corrupt.write_bytes(good.read_bytes()[: good.stat().st_size // 2])  # truncated copy
+    table = _table(
+        tmp_path / "slides.csv", [("good", good), ("corrupt", corrupt), ("empty", empty)]
+    )
+    work = tmp_path / "w"
+    r = cli("tile", "--slides", str(table), "--work", str(work), "--patch-size", "64")
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    # the good slide is done, with patches only where the tissue is
+    s = PatchStore.open(work / "patches" / "good.zarr")
+    assert 0 < len(s) < (800 // 64 + 1) * (600 // 64 + 1)
+    assert (s.tissue >= 0.1).all() and s.has_pixels
+    assert (work / "masks" / "good.png").stat().st_size > 0
+    # the corrupt one is recorded with its reason
+    rows = list(csv.DictReader(open(work / "failures.csv")))
+    assert [r_["slide_id"] for r_ in rows] == ["corrupt"]
+    assert "truncated" in rows[0]["reason"] or "corrupt" in rows[0]["reason"]
+    assert rows[0]["stage"] == "tile" and rows[0]["path"] == str(corrupt)
+    assert not (work / "patches" / "corrupt.zarr").exists()
+    # the empty one: a warning and an empty (complete) store
+    assert "no tissue" in r.stderr and "empty" in r.stderr
+    e = PatchStore.open(work / "patches" / "empty.zarr")
+    assert len(e) == 0 and e.coords.shape == (0, 2)
+    assert "1 failed" in r.stderr
+    # resolved config saved beside the stores
+    cfg = yaml.safe_load((work / "patches" / "config.yaml").read_text())
+    assert cfg["patch_size"] == 64 and cfg["tissue"] == "otsu"
+
+
+def test_skip_current_rebuild_on_change(tmp_path, cli, make_slide):
+    slide = make_slide("a", "tissue", 512, 640)
+    work = tmp_path / "w"
+    args = ("-q", "tile", str(slide), "--work", str(work), "--patch-size", "64")
+    r = cli(*args)
+    assert r.returncode == 0, r.stderr
+    store = work / "patches" / "a.zarr"
+    mtime = (store / "zarr.json").stat().st_mtime_ns
+    r = cli(*args)
+    assert r.returncode == 0 and "1 up to date" in r.stderr
+    assert (store / "zarr.json").stat().st_mtime_ns == mtime
+    # a parameter change rebuilds
+    r = cli(*args, "--min-tissue", "0.5")
+    assert r.returncode == 0 and "1 done" in r.stderr
+    assert PatchStore.open(store).attrs["min_tissue"] == 0.5
+    # a changed slide file rebuilds
+    os.utime(slide, ns=(time.time_ns(), time.time_ns()))
+    r = cli(*args, "--min-tissue", "0.5")
+    assert r.returncode == 0 and "1 done" in r.stderr
+
+
+def test_shards_are_disjoint_and_cover(tmp_path, cli, make_slide):
+    slides = [make_slide(f"s{i}", "tissue", 256, 256) for i in range(3)]
+    table = _table(tmp_path / "t.csv", [(f"s{i}", p) for i, p in enumerate(slides)])
+    work = tmp_path / "w"
+    for i in range(2):
+        r = cli(
+            "-q",
+            "tile",
+            "--slides",
+            str(table),
+            "--work",
+            str(work),
+            "--shard",
+            f"{i}/2",
+            "--patch-size",
+            "64",
+            "--tissue",
+            "none",
+        )
+        assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (work / "patches").glob("*.zarr")) == [
+        "s0.zarr",
+        "s1.zarr",
+        "s2.zarr",
+    ]
+    r = cli("tile", "--slides", str(table), "--work", str(work), "--shard", "2/2")
+    assert r.returncode == 2 and "shard" in r.stderr
+
+
+def test_clam_h5_and_no_pixels(tmp_path, cli, make_slide):
+    slide = make_slide("c", "tissue", 512, 512)
+    work = tmp_path / "w"
+    r = cli(
+        "-q",
+        "tile",
+        str(slide),
+        "--work",
+        str(work),
+        "--patch-size",
+        "64",
+        "--level",
+        "1",
+        "--no-pixels",
+        "--clam-h5",
+    )
+    assert r.returncode == 0, r.stderr
+    store = PatchStore.open(work / "patches" / "c.zarr")
+    assert not store.has_pixels and store.level == 1 and store.patch_size_level0 == 128
+    with h5py.File(work / "patches" / "c.h5", "r") as f:
+        np.testing.assert_array_equal(f["coords"][:], store.coords)
+        assert f["coords"].dtype == np.int64
+        assert f["coords"].attrs["patch_size"] == 64 and f["coords"].attrs["patch_level"] == 1
+    # coords-only store reads its pixels from the slide
+    px = store.read_patches(0, 2)
+    assert px.shape == (2, 64, 64, 3)
+    with pytest.raises(StoreError, match="no pixels"):
+        store.pixels(0, 1)
+
+
+def test_bad_options_exit_2(tmp_path, cli, make_slide):
+    slide = make_slide("b", "tissue", 256, 256)
+    for extra in (["--level", "0", "--mpp", "0.5"], ["--min-tissue", "2"], ["--patch-size", "0"]):
+        r = cli("tile", str(slide), "--work", str(tmp_path / "w"), *extra)
+        assert r.returncode == 2, (extra, r.stderr)
+        assert "Traceback" not in r.stderr and "error:" in r.stderr
+
+
+def test_sigkill_mid_slide_then_resume_is_identical(tmp_path, make_slide):
+    """Kill the real CLI while it writes a store; the rerun finishes and equals a clean run."""
+    slide = make_slide("big", "tissue", 1536, 1536, tile_px=256)
+    args = [str(slide), "--patch-size", "32", "--tissue", "none", "--workers", "1"]
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    cmd = [sys.executable, "-m", "wsi_mil", "-q", "tile", *args, "--work", str(killed)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    patches = killed / "patches"
+    deadline = time.time() + 120
+    caught = False
+    while time.time() < deadline and proc.poll() is None:
+        tmps = list(patches.glob(".big.zarr.tmp-*")) if patches.exists() else []
+        if tmps and any((tmps[0] / "pixels" / "c").glob("*")):
+            os.kill(proc.pid, signal.SIGKILL)
+            caught = True
+            break
+        time.sleep(0.01)
+    proc.wait()
+    assert caught, "the run finished before it could be killed mid-slide"
+    assert proc.returncode == -signal.SIGKILL
+    # nothing that looks complete: no final store, and the temp store is refused
+    assert not (patches / "big.zarr").exists()
+    tmp_store = next(patches.glob(".big.zarr.tmp-*"))
+    with pytest.raises(StoreError, match="incomplete"):
+        PatchStore.open(tmp_store)
+    env = {**os.environ}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert not list(patches.glob(".big.zarr.tmp-*"))  # the stale temp store was cleaned up
+    r = subprocess.run(
+        [sys.executable, "-m", "wsi_mil", "-q", "tile", *args, "--work", str(clean)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    _same_store(patches / "big.zarr", clean / "patches" / "big.zarr")

@@ -1,0 +1,77 @@
+"""Tissue detection on thumbnails and per-patch tissue fractions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from tiling.tiling_images import blank_image, tissue_slide_image
+
+from wsi_mil.errors import ConfigError
+from wsi_mil.tiling.tissue import (
+    inside_fraction,
+    otsu_threshold,
+    patch_tissue_fraction,
+    saturation,
+    tissue_mask,
+)
+
+
+def test_saturation_values():
+    rgb = np.array([[[255, 255, 255], [255, 0, 0], [0, 0, 0], [200, 100, 100]]], np.uint8)
+    np.testing.assert_array_equal(saturation(rgb)[0], [0, 255, 0, 128])
+
+
+def test_otsu_splits_two_modes():
+    v = np.concatenate([np.full(1000, 10), np.full(500, 200)]).astype(np.uint8)
+    t = otsu_threshold(v)
+    assert 10 < t <= 200
+    assert otsu_threshold(np.full(100, 7, np.uint8)) == 8  # constant: all below threshold
+
+
+def test_mask_finds_blobs_not_glass():
+    img = tissue_slide_image(400, 600)
+    m = tissue_mask(img, "otsu")
+    truth = img.min(axis=2) < 230
+    agree = (m == truth).mean()
+    assert agree > 0.97, agree
+    assert 0.1 < m.mean() < 0.4
+
+
+def test_blank_glass_has_no_tissue():
+    assert tissue_mask(blank_image(300, 300), "otsu").sum() == 0
+    assert tissue_mask(np.full((64, 64, 3), 255, np.uint8), "otsu").sum() == 0
+
+
+def test_tissue_none_is_all_foreground():
+    assert tissue_mask(blank_image(50, 70), "none").all()
+    with pytest.raises(ConfigError):
+        tissue_mask(blank_image(50, 70), "magic")
+
+
+def test_patch_fraction_matches_brute_force():
+    rng = np.random.default_rng(0)
+    mask = rng.random((40, 60)) < 0.3
+    scale = (4.0, 4.0)  # level-0 px per mask px
+    xy = np.array([[0, 0], [8, 12], [200, 120], [236, 148], [-8, -8]], np.int64)
+    patch = 16.0  # 4 mask px
+    got = patch_tissue_fraction(mask, scale, xy, patch)
+    for (x, y), g in zip(xy, got, strict=True):
+        x0, y0 = int(x // 4), int(y // 4)
+        full = np.zeros((4, 4))
+        for dy in range(4):
+            for dx in range(4):
+                yy, xx = y0 + dy, x0 + dx
+                if 0 <= yy < 40 and 0 <= xx < 60:
+                    full[dy, dx] = mask[yy, xx]
+        assert g == pytest.approx(full.mean())
+
+
+def test_patch_smaller_than_a_mask_pixel():
+    mask = np.array([[True, False]])
+    got = patch_tissue_fraction(mask, (100.0, 100.0), np.array([[10, 10], [150, 10]]), 20.0)
+    np.testing.assert_array_equal(got, [1.0, 0.0])
+
+
+def test_inside_fraction():
+    f = inside_fraction(np.array([[0, 0], [90, 0], [90, 90], [100, 0]]), 20, 100, 100)
+    np.testing.assert_allclose(f, [1.0, 0.5, 0.25, 0.0])
