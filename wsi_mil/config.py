@@ -207,6 +207,7 @@ class TrainConfig:
     freeze_encoder_epochs: int = 0
     norm: str = "frozen-bn"  # frozen-bn | groupnorm
     augment: bool = False
+    encoder_width: int | None = None  # resnet-patch-cnn stage widths (w, 2w, 4w); None = 64
     backend: str | None = None
 
 

@@ -1,0 +1,205 @@
+"""End-to-end training on real zarr patch stores: outputs, encoder export, options, predict bags."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from wsi_mil.config import ModelConfig, TrainConfig
+from wsi_mil.errors import ConfigError, StoreError
+from wsi_mil.features.encoders import create_encoder, preprocess
+from wsi_mil.slides.table import SlideEntry
+from wsi_mil.tiling.patch_store import PatchStore, PatchStoreWriter
+from wsi_mil.train.e2e import (
+    BagReader,
+    E2EEncoder,
+    augment_patches,
+    encode_bags,
+    sample_indices,
+    train_e2e,
+)
+
+P = 32  # patch px
+GRID = 4  # patches per side -> 16 patches per slide
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """This 2-core machine is shared: 2 intra-op threads under contention run 10x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def write_store(path: Path, label: int, rng: np.random.Generator, chunk_patches: int = 5) -> None:
+    """A GRID x GRID patch store of noise; positive slides get a solid red square in one patch."""
+    coords = np.array([(x * P, y * P) for y in range(GRID) for x in range(GRID)], np.int64)
+    px = rng.integers(150, 230, size=(len(coords), P, P, 3), dtype=np.uint8)
+    if label:
+        k = int(rng.integers(len(coords)))
+        px[k, 8:24, 8:24] = (220, 20, 20)
+    attrs = {
+        "level": 0,
+        "downsample": 1.0,
+        "patch_size": P,
+        "level0_width": GRID * P,
+        "level0_height": GRID * P,
+        "slide_path": "",
+    }
+    with PatchStoreWriter(path, coords, attrs, chunk_patches=chunk_patches) as w:
+        w.write_pixels(0, px)
+        w.commit()
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[SlideEntry]]:
+    w = tmp_path_factory.mktemp("e2e_work")
+    rng = np.random.default_rng(0)
+    entries = []
+    for i in range(8):
+        label = i % 2
+        write_store(w / "patches" / f"s{i}.zarr", label, rng)
+        entries.append(SlideEntry(f"s{i}", None, label, "val" if i >= 6 else "train"))
+    return w, entries
+
+
+def make_cfg(work: Path, run: Path, **kw) -> TrainConfig:
+    base = dict(
+        work=work, run=run, mode="e2e", epochs=2, feature_dim=16, chunk_size=5, lr=1e-3,
+        model=ModelConfig(pos_dim=8, attn_dim=8, hidden_dim=8), device="cpu", early_stop="none",
+        encoder_width=8,
+    )  # fmt: skip
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def encoder_params(enc: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in enc.named_parameters()}
+
+
+def test_train_e2e_outputs_and_encoder_export(work, tmp_path: Path) -> None:
+    w, entries = work
+    run = train_e2e(make_cfg(w, tmp_path / "run", augment=True), entries, progress=False)
+    for name in (
+        "config.yaml",
+        "metrics.csv",
+        "splits.csv",
+        "checkpoints/last.pt",
+        "checkpoints/best.pt",
+        "encoder.pt",
+    ):
+        assert (run / name).is_file(), name
+    rows = (run / "metrics.csv").read_text().strip().splitlines()
+    assert len(rows) == 3  # header + 2 epochs
+    ck = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert ck["epoch"] == 2 and ck["model_config"]["in_dim"] == 16 and "encoder" in ck["extra"]
+    enc_pt = torch.load(run / "encoder.pt", weights_only=True)
+    assert enc_pt["encoder"] == "resnet-patch-cnn" and enc_pt["kwargs"]["feature_dim"] == 16
+    # the exported encoder changed (it was trained) and loads through create_encoder(weights=)
+    init = create_encoder("resnet-patch-cnn", feature_dim=16, seed=0, widths=(8, 16, 32))
+    trained = create_encoder(weights=run / "encoder.pt")
+    assert trained.info.trained and trained.info.out_dim == 16
+    diff = [
+        k
+        for k, v in encoder_params(init).items()
+        if not torch.equal(v, dict(trained.named_parameters())[k])
+    ]
+    assert diff, "encoder weights did not change in end-to-end training"
+    # encode_bags (predict's source of e2e bags) = the exported encoder on every patch
+    pairs = list(encode_bags(run, entries[:2], w, device="cpu"))
+    assert [e.slide_id for e, _ in pairs] == ["s0", "s1"]
+    store = PatchStore.open(w / "patches" / "s1.zarr")
+    with torch.no_grad():
+        ref = trained(preprocess(store.pixels(0, len(store)), trained.info)).numpy()
+    fb = pairs[1][1]
+    assert fb.features.shape == (GRID * GRID, 16) and fb.coords.shape == (GRID * GRID, 2)
+    np.testing.assert_allclose(fb.features, ref, rtol=1e-4, atol=1e-5)
+    assert fb.attrs["patch_size_level0"] == P and fb.level0_size == (GRID * P, GRID * P)
+
+
+def test_frozen_encoder_epochs_and_encoder_lr(work, tmp_path: Path) -> None:
+    w, entries = work
+    init = encoder_params(
+        create_encoder("resnet-patch-cnn", feature_dim=16, seed=0, widths=(8, 16, 32))
+    )
+
+    def trained_params(**kw) -> dict[str, torch.Tensor]:
+        run = train_e2e(
+            make_cfg(w, tmp_path / str(len(list(tmp_path.iterdir()))), epochs=1, **kw),
+            entries,
+            progress=False,
+        )
+        return encoder_params(create_encoder(weights=run / "encoder.pt"))
+
+    frozen = trained_params(freeze_encoder_epochs=1)
+    assert all(torch.equal(frozen[k], init[k]) for k in init)
+    zero_lr = trained_params(encoder_lr=0.0)
+    assert all(torch.equal(zero_lr[k], init[k]) for k in init)
+    moved = trained_params(encoder_lr=1e-3)
+    assert any(not torch.equal(moved[k], init[k]) for k in init)
+
+
+def test_groupnorm_and_patch_sampling(work, tmp_path: Path) -> None:
+    w, entries = work
+    run = train_e2e(
+        make_cfg(w, tmp_path / "gn", epochs=1, norm="groupnorm", max_patches_per_bag=6),
+        entries,
+        progress=False,
+    )
+    enc = create_encoder(weights=run / "encoder.pt")
+    assert enc.info.kwargs["norm"] == "groupnorm"
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in enc.modules())
+
+
+def test_sample_indices_and_subset_reader(work) -> None:
+    w, _ = work
+    assert sample_indices(10, None, 0, 0, 0) is None and sample_indices(10, 10, 0, 0, 0) is None
+    idx = sample_indices(16, 7, seed=1, epoch=2, bag=3)
+    assert len(idx) == 7 and np.all(np.diff(idx) > 0) and idx.max() < 16
+    np.testing.assert_array_equal(idx, sample_indices(16, 7, seed=1, epoch=2, bag=3))
+    assert not np.array_equal(idx, sample_indices(16, 7, seed=1, epoch=3, bag=3))
+    store = PatchStore.open(w / "patches" / "s0.zarr")
+    r = BagReader(store, idx, block=5)
+    assert len(r) == 7
+    np.testing.assert_array_equal(r(0, 7), store.pixels(0, 16)[idx])
+    np.testing.assert_array_equal(r(2, 5), store.pixels(0, 16)[idx[2:5]])
+    np.testing.assert_array_equal(r.norm_coords(), store.norm_coords[idx])
+
+
+def test_augment_replays_under_seed() -> None:
+    x = torch.randn(6, 3, 8, 8)
+    torch.manual_seed(3)
+    a = augment_patches(x)
+    torch.manual_seed(3)
+    b = augment_patches(x)
+    assert torch.equal(a, b) and not torch.equal(a, x)
+
+
+def test_bad_options_and_missing_stores(work, tmp_path: Path) -> None:
+    w, entries = work
+    with pytest.raises(ConfigError, match="norm"):
+        train_e2e(make_cfg(w, tmp_path / "a", norm="bn-train"), entries, progress=False)
+    with pytest.raises(ConfigError, match="chunk-size"):
+        train_e2e(make_cfg(w, tmp_path / "b", chunk_size=0), entries, progress=False)
+    ghost = [*entries, SlideEntry("ghost", None, 1, "train")]
+    with pytest.raises(StoreError, match="ghost.*wsi-mil tile"):
+        train_e2e(make_cfg(w, tmp_path / "c"), ghost, progress=False)
+    with pytest.raises(StoreError):
+        E2EEncoder(tmp_path / "nowhere")
+
+
+def test_config_dataclass_has_e2e_fields() -> None:
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert {
+        "chunk_size",
+        "max_patches_per_bag",
+        "freeze_encoder_epochs",
+        "encoder_lr",
+        "norm",
+        "augment",
+    } <= names
