@@ -1,0 +1,143 @@
+"""`wsi-mil run`: stage planning, in-process stages with one --config, exit-code rules."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from pipeline_helpers import pipeline_env
+
+from wsi_mil.errors import ConfigError
+from wsi_mil.slides import read_slide_table
+from wsi_mil.workflow import (
+    features_dir,
+    plan_stages,
+    resolve_options,
+    single_slide_table,
+    synth_up_to_date,
+)
+
+
+def _cfg(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_plan_synth_only_with_section_and_e2e_skips_extract(tmp_path):
+    assert plan_stages(_cfg(tmp_path, "slides: s.csv\n")) == [
+        "tile",
+        "extract",
+        "train",
+        "predict",
+        "heatmap",
+    ]
+    with_synth = _cfg(tmp_path, "slides: s/slides.csv\nsynth:\n  out: s\ntrain:\n  mode: e2e\n")
+    assert plan_stages(with_synth) == ["synth", "tile", "train", "predict", "heatmap"]
+    # asked for explicitly: extract runs even for e2e; order is always the pipeline's
+    assert plan_stages(with_synth, ["predict", "extract"]) == ["extract", "predict"]
+    with pytest.raises(ConfigError, match="bogus"):
+        plan_stages(with_synth, ["tile", "bogus"])
+
+
+def test_options_resolve_like_the_stage_commands(tmp_path):
+    cfg = _cfg(tmp_path, "work: W\npatch-size: 64\ntile:\n  patch-size: 32\ntrain:\n  epochs: 3\n")
+    tile = resolve_options("tile", cfg)
+    assert tile["work"] == "W" and tile["patch_size"] == 32 and tile["min_tissue"] == 0.1
+    assert resolve_options("train", cfg)["epochs"] == 3
+    # features folder = what extract writes: W/features/<encoder tag>
+    d = features_dir(cfg)
+    assert d.parent == Path("W/features") and d.name.startswith("resnet-patch-cnn-d128-")
+    assert features_dir(cfg, "train") == d  # cached training reads what extract wrote
+    other = _cfg(tmp_path, "work: W\nextract:\n  feature-dim: 64\ntrain:\n  feature-dim: 64\n")
+    assert features_dir(other) != d and features_dir(other) == features_dir(other, "train")
+
+
+def test_single_slide_table_roundtrip(tmp_path, tiny_slides):
+    entries = read_slide_table(tiny_slides)
+    e = entries[1]
+    p = single_slide_table(e, tmp_path / "t")
+    (back,) = read_slide_table(p)
+    assert back.slide_id == e.slide_id and back.label == e.label and back.split == e.split
+    assert back.path == e.path.resolve()
+    mtime = p.stat().st_mtime_ns
+    single_slide_table(e, tmp_path / "t")  # unchanged content: file left alone
+    assert p.stat().st_mtime_ns == mtime
+
+
+def test_dry_run_lists_stages_and_outputs(cli, workdir):
+    r = cli("run", "--config", "cfg.yaml", "--dry-run", cwd=workdir, env=pipeline_env())
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert [ln.split()[1] for ln in lines] == ["tile", "extract", "train", "predict", "heatmap"]
+    assert "work/patches/<slide_id>.zarr" in lines[0]
+    assert "run/predictions.csv" in lines[3]
+    assert not (workdir / "work").exists()  # nothing ran
+
+
+def test_stops_at_first_stage_exiting_2(cli, workdir):
+    cfg = (workdir / "cfg.yaml").read_text()
+    (workdir / "cfg.yaml").write_text(cfg.replace("tile:\n", "tile:\n  bogus-option: 1\n"))
+    r = cli("-q", "run", "--config", "cfg.yaml", cwd=workdir, env=pipeline_env())
+    assert r.returncode == 2
+    stages = re.findall(r"^\[run\] (\w+)\s+(.+?)\s{2}", r.stdout, re.M)
+    assert stages == [("tile", "STOPPED (error)")], r.stdout
+    assert "bogus" in r.stderr and "Traceback" not in r.stderr
+    assert not (workdir / "work" / "features").exists()
+
+
+def test_exit_1_continues_and_is_the_final_code(cli, workdir):
+    """A corrupt slide fails in tile (exit 1); extract/train/predict still run; run exits 1."""
+    table = workdir / "slides" / "slides.csv"
+    (workdir / "slides" / "broken.tiff").write_bytes(b"II*\x00not a tiff at all")
+    table.write_text(table.read_text() + "broken,broken.tiff,,\n")
+    r = cli(
+        "-q",
+        "run",
+        "--config",
+        "cfg.yaml",
+        "--stages",
+        "tile,extract,train,predict",
+        cwd=workdir,
+        env=pipeline_env(),
+    )
+    assert r.returncode == 1, r.stdout + r.stderr
+    stages = dict(re.findall(r"^\[run\] (\w+)\s+(.+?)\s{2}", r.stdout, re.M))
+    assert stages == {
+        "tile": "some slides failed",
+        "extract": "some slides failed",
+        "train": "ok",
+        "predict": "some slides failed",
+    } or stages == {
+        "tile": "some slides failed",
+        "extract": "some slides failed",
+        "train": "ok",
+        "predict": "ok",
+    }, r.stdout
+    assert (workdir / "run" / "predictions.csv").is_file()
+    failures = (workdir / "work" / "failures.csv").read_text()
+    assert "broken" in failures and "tile" in failures
+
+
+def test_synth_is_skipped_when_up_to_date(cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # config paths are relative to where the run starts
+    cfg = _cfg(
+        tmp_path,
+        "slides: s/slides.csv\nsynth:\n  out: s\n  n-slides: 2\n  width: 256\n  height: 256\n"
+        "  format: png\n  background: noise\n  workers: 1\n",
+    )
+    assert not synth_up_to_date(cfg)
+    r = cli(
+        "-q", "run", "--config", "c.yaml", "--stages", "synth", cwd=tmp_path, env=pipeline_env()
+    )
+    assert r.returncode == 0, r.stderr
+    assert synth_up_to_date(cfg)
+    mtime = (tmp_path / "s" / "slides.csv").stat().st_mtime_ns
+    r = cli(
+        "-q", "run", "--config", "c.yaml", "--stages", "synth", cwd=tmp_path, env=pipeline_env()
+    )
+    assert "synth    up to date" in r.stdout
+    assert (tmp_path / "s" / "slides.csv").stat().st_mtime_ns == mtime
+    cfg.write_text(cfg.read_text().replace("n-slides: 2", "n-slides: 3"))  # changed option
+    assert not synth_up_to_date(cfg)
