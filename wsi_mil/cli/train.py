@@ -188,13 +188,17 @@ from wsi_mil.cli.common import config_option, progress_enabled, slide_inputs, wo
     "--encoder-lr", type=float, default=None, help="e2e: encoder learning rate (default: --lr)."
 )
 @click.option(
-    "--chunk-size", type=int, default=64, show_default=True, help="e2e: patches per encoder chunk."
+    "--chunk-size",
+    type=int,
+    default=64,
+    show_default=True,
+    help="e2e: patches per encoder chunk (memory: one chunk of activations + the N x D features).",
 )
 @click.option(
     "--max-patches-per-bag",
     type=int,
     default=None,
-    help="e2e: sample at most this many patches per slide and epoch.",
+    help="e2e: train on a random subset of at most this many patches per slide, drawn anew each epoch (an approximation of the full-bag gradient for faster epochs; validation and predict use every patch).",
 )
 @click.option(
     "--freeze-encoder-epochs",
@@ -208,7 +212,13 @@ from wsi_mil.cli.common import config_option, progress_enabled, slide_inputs, wo
     type=click.Choice(["frozen-bn", "groupnorm"]),
     default="frozen-bn",
     show_default=True,
-    help="e2e: encoder normalisation.",
+    help="e2e: encoder normalisation: BatchNorm with frozen (running) statistics, or GroupNorm.",
+)
+@click.option(
+    "--encoder-width",
+    type=int,
+    default=None,
+    help="e2e: stage widths W, 2W, 4W of an untrained resnet-patch-cnn (default 64: 64/128/256); smaller is faster on CPU.",
 )
 @click.option(
     "--augment/--no-augment",

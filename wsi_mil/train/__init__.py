@@ -35,7 +35,7 @@ def train(cfg: TrainConfig, entries: Sequence[SlideEntry], progress: bool = True
             raise ConfigError(
                 "--mode e2e is not available in this installation", "use --mode cached"
             ) from None
-        return train_e2e(cfg, entries)
+        return train_e2e(cfg, entries, progress=progress)
     raise ConfigError(f"--mode {cfg.mode!r}", f"use one of: {', '.join(MODES)}")
 
 

@@ -185,7 +185,7 @@ def predict(
     if run_cfg.get("mode", "cached") == "e2e":
         from wsi_mil.train.e2e import encode_bags
 
-        source: Any = encode_bags(run, entries, cfg.work, device)
+        source: Any = encode_bags(run, entries, cfg.work, device, checkpoint=str(ck_path))
     else:
         fdir = cfg.features or run_cfg.get("features")
         if not fdir:
