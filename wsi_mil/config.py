@@ -225,9 +225,16 @@ class PredictConfig:
 
 @dataclass
 class HeatmapConfig:
+    """`wsi-mil heatmap` (wsi_mil.viz.make_heatmaps)."""
+
     run: Path = Path("runs/default")
-    slide_id: str | None = None
+    slide_id: str | None = None  # only this slide; None = every R/attention/<id>.h5
     style: str = "boxes"  # boxes (the seed's blue boxes) | smooth | both
-    thumbnail_px: int = 2048
-    top_k: int = 8
-    markers: Path | None = None  # markers.csv of synthetic slides
+    thumbnail_px: int = 2048  # longest side of the drawn thumbnail
+    top_k: int = 8  # most-attended patches in R/heatmaps/<id>_topk.png; 0 = none
+    max_alpha: float = 0.85  # opacity of the most-attended patch (boxes and smooth)
+    markers: Path | None = None  # markers.csv; None: next to --slides, else the slide's folder
+    slides: Path | None = None  # slide table overriding the slide paths in the attention files
+    work: Path | None = None  # where failures.csv goes; None = the run folder
+    backend: str | None = None
+    overwrite: bool = False  # redraw even when the PNGs are current
