@@ -203,3 +203,110 @@ def test_config_dataclass_has_e2e_fields() -> None:
         "norm",
         "augment",
     } <= names
+
+
+def _cli_args(w: Path, csv_path: Path, run: Path) -> list[str]:
+    return [
+        "-q", "train", "--mode", "e2e", "--slides", str(csv_path), "--work", str(w), "--run", str(run),
+        "--epochs", "4", "--feature-dim", "16", "--encoder-width", "8", "--chunk-size", "5",
+        "--pos-dim", "8", "--attn-dim", "8", "--hidden-dim", "8", "--early-stop", "none",
+        "--augment", "--max-patches-per-bag", "12", "--device", "cpu",
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_killed_e2e_run_resumes_exactly(work, tmp_path: Path) -> None:
+    """SIGKILL a real `wsi-mil train --mode e2e` mid-run; --resume ends where an uninterrupted run does."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    w, entries = work
+    csv_path = tmp_path / "slides.csv"
+    csv_path.write_text(
+        "slide_id,path,label,split\n"
+        + "".join(f"{e.slide_id},,{e.label},{e.split}\n" for e in entries)
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "wsi_mil"]
+
+    ref = tmp_path / "ref"
+    done = subprocess.run(
+        [*cmd, *_cli_args(w, csv_path, ref)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr
+
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [*cmd, *_cli_args(w, csv_path, run)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    metrics = run / "metrics.csv"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (
+            metrics.is_file() and len(metrics.read_text().strip().splitlines()) >= 3
+        ):  # 2 epochs done
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["epoch"]
+    assert 2 <= killed_at < 4
+
+    again = subprocess.run(
+        [*cmd, *_cli_args(w, csv_path, run)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert again.returncode == 2 and "--resume" in again.stderr  # refuses to overwrite silently
+    resumed = subprocess.run(
+        [*cmd, *_cli_args(w, csv_path, run), "--resume"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+
+    a = torch.load(ref / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 4
+    for part in ("model", "optimizer"):
+        assert part in b
+    for k, v in a["model"].items():
+        torch.testing.assert_close(b["model"][k], v, rtol=0, atol=0, msg=k)
+    for k, v in a["extra"]["encoder"].items():
+        torch.testing.assert_close(b["extra"]["encoder"][k], v, rtol=0, atol=0, msg=k)
+    assert [r["train_loss"] for r in a["history"]] == [r["train_loss"] for r in b["history"]]
+    ea = torch.load(ref / "encoder.pt", weights_only=True)["state_dict"]
+    eb = torch.load(run / "encoder.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(ea[k], eb[k]) for k in ea)
+
+    # predict on the e2e run: bags come from the run's encoder, attention files per slide
+    pred = subprocess.run(
+        [
+            *cmd,
+            "-q",
+            "predict",
+            "--slides",
+            str(csv_path),
+            "--work",
+            str(w),
+            "--run",
+            str(run),
+            "--device",
+            "cpu",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert pred.returncode == 0, pred.stderr
+    rows = (run / "predictions.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + len(entries)
+    assert (run / "attention" / "s1.h5").is_file()

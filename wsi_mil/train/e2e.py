@@ -128,9 +128,14 @@ class BagReader:
     """
 
     def __init__(
-        self, store: PatchStore, indices: np.ndarray | None = None, block: int = 64
+        self,
+        store: PatchStore,
+        indices: np.ndarray | None = None,
+        block: int = 64,
+        backend: str | None = None,
     ) -> None:
         self.store = store
+        self.backend = backend
         self.indices = None if indices is None else np.asarray(indices, np.int64)
         self.block = block
         self._slide: Any = None
@@ -173,7 +178,14 @@ class BagReader:
 
     def _open_slide(self) -> Any:
         if self._slide is None:
-            self._slide = self.store.open_slide()
+            if self.backend and self.store.slide_path is not None:
+                from wsi_mil.slides import open_slide
+
+                self._slide = open_slide(
+                    self.store.slide_path, backend=self.backend, mpp=self.store.mpp
+                )
+            else:
+                self._slide = self.store.open_slide()
         return self._slide
 
     def close(self) -> None:
@@ -385,7 +397,7 @@ class E2ETrainer(Trainer):
         idx = sample_indices(
             len(bag), cfg.max_patches_per_bag, cfg.seed, self.current_epoch, bag.index
         )
-        reader = BagReader(bag.store, idx)
+        reader = BagReader(bag.store, idx, backend=cfg.backend)
         try:
             res = chunked_bag_step(
                 self.encoder, self.model, reader, len(reader), cfg.chunk_size,
@@ -410,7 +422,7 @@ class E2ETrainer(Trainer):
     @torch.no_grad()
     def predict_logit(self, bag: Any) -> float:
         self.encoder.eval()
-        reader = BagReader(bag.store)
+        reader = BagReader(bag.store, backend=self.cfg.backend)
         try:
             feats = encode_bag(
                 self.encoder,
@@ -456,7 +468,7 @@ class E2ETrainer(Trainer):
             for i in rng.permutation(len(self.train_bags)):
                 bag = self.train_bags[int(i)]
                 idx = np.sort(rng.choice(len(bag), size=min(per_bag, len(bag)), replace=False))
-                r = BagReader(bag.store, idx)
+                r = BagReader(bag.store, idx, backend=self.cfg.backend)
                 try:
                     for s in range(0, len(r), cs):
                         yield prep(r(s, min(s + cs, len(r))))
@@ -614,7 +626,7 @@ class E2EEncoder:
 
         folder = patches_dir(work, patches)
         (bag,) = open_patch_bags([entry], folder)
-        reader = BagReader(bag.store)
+        reader = BagReader(bag.store, backend=self.cfg.backend)
         bar = tqdm(
             total=len(reader),
             desc=f"encode {entry.slide_id}",
