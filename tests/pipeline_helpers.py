@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 SNAKEFILE = REPO / "pipelines" / "Snakefile"
 PROFILES = REPO / "pipelines" / "profiles"
 
