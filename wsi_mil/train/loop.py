@@ -267,7 +267,9 @@ class Trainer:
                 loss_sum += self.forward_backward(self.train_bags[i], 1.0 / len(group))
                 n_bags += 1
             # every parameter the optimiser steps (e2e adds the encoder's group)
-            dist_.allreduce_gradients([p for g in self.optimizer.param_groups for p in g["params"]], self.info)
+            dist_.allreduce_gradients(
+                [p for g in self.optimizer.param_groups for p in g["params"]], self.info
+            )
             self.optimizer.step()
             if n_bags:
                 bar.set_postfix(loss=f"{loss_sum / n_bags:.4f}", refresh=False)
