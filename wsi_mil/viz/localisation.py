@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from wsi_mil.errors import ConfigError
+from wsi_mil.errors import ConfigError, WsiMilError
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +220,11 @@ def localisation_report(
         if mpath not in cache:
             cache[mpath] = read_markers(mpath)
         used.add(str(mpath))
-        am = read_attention(f)
+        try:
+            am = read_attention(f)
+        except WsiMilError as e:  # a broken file is the batch's failure, not the report's
+            excluded[sid] = str(e)
+            continue
         if not am.has_coords:
             excluded[sid] = "attention file has no coordinates"
             continue
