@@ -213,6 +213,7 @@ class PatchStoreWriter:
         self.tissue = tissue
         self._ctx = atomic_path(self.final)
         self._committed = False
+        self._encoder: Any = None
 
     def __enter__(self) -> PatchStoreWriter:
         self.tmp = self._ctx.__enter__()
@@ -241,14 +242,56 @@ class PatchStoreWriter:
         return self
 
     def write_pixels(self, start: int, arr: np.ndarray) -> None:
-        """Write (n, P, P, 3) uint8 patches at rows [start, start + n). Chunk-aligned writes are fastest."""
-        self.pixels[start : start + len(arr)] = arr
+        """Write (n, P, P, 3) uint8 patches at rows [start, start + n). Chunk-aligned writes are fastest.
+
+        Chunk-aligned blocks of a ``zstd`` or ``none`` store are encoded here (in parallel) and
+        written as chunk files directly, byte-identical to what zarr writes but several times
+        faster than zarr's own write path; anything else goes through zarr.
+        """
+        arr = np.asarray(arr, np.uint8)
+        n_total, cp = len(self.coords), self.pixels.chunks[0]
+        stop = start + len(arr)
+        direct = self.compressors in ("auto", "zstd", "none") and start % cp == 0
+        if not direct or (stop % cp and stop != n_total):
+            self.pixels[start:stop] = arr
+            return
+        if self._encoder is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            from wsi_mil.batch import available_cpus
+
+            self._encoder = ThreadPoolExecutor(available_cpus(), thread_name_prefix="store-encode")
+        jobs = [
+            self._encoder.submit(self._write_chunk, (start + k) // cp, arr[k : k + cp])
+            for k in range(0, len(arr), cp)
+        ]
+        for j in jobs:
+            j.result()
+
+    def _write_chunk(self, index: int, block: np.ndarray) -> None:
+        cp = self.pixels.chunks[0]
+        if len(block) < cp:  # the last chunk is stored full size, padded with the fill value
+            full = np.full((cp,) + block.shape[1:], 255, np.uint8)
+            full[: len(block)] = block
+            block = full
+        data = np.ascontiguousarray(block).tobytes()
+        if self.compressors != "none":
+            import numcodecs
+
+            data = numcodecs.Zstd(level=1).encode(data)
+        d = Path(self.tmp) / "pixels" / "c" / str(index) / "0" / "0"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "0").write_bytes(data)
 
     def commit(self) -> None:
+        if self._encoder is not None:
+            self._encoder.shutdown(wait=True)
         self.group.attrs["complete"] = True
         self._committed = True
 
     def __exit__(self, et: Any, ev: Any, tb: Any) -> bool:
+        if self._encoder is not None:
+            self._encoder.shutdown(wait=True, cancel_futures=True)
         if et is None and not self._committed:
             et = StoreError
             ev = StoreError(f"{self.final}: writer closed without commit()")

@@ -1,0 +1,301 @@
+"""Benchmark `wsi-mil tile` against the CLAM-style per-patch loop and the JPEG decode limit.
+
+On one synthetic JPEG-tiled pyramidal TIFF (default 16,384^2 px, 256 px tiles, written to
+bench/out/ once), in ONE run and with the same worker count:
+
+  ours          tile_slides(): tile-aligned reads + zarr store with pixels (per compression)
+  baseline      per-patch openslide.read_region over the same coords, one OpenSlide handle
+                per thread (what CLAM's patch loader does), pixels kept in memory only
+  decode limit  every tile that covers a patch read (os.pread) and JPEG-decoded once
+                (imagecodecs.jpeg8_decode): no patch cutting, no writing
+
+Prints a table and the ratios ours/baseline (goal >= 4) and ours/decode-limit (goal >=
+0.5). The machine may be shared, so compare the ratios, not the absolute rates.
+
+``--big`` also tiles a --big-size slide (default 71,680^2 = 102,400 patches of 224^2) in a
+child process and reports its peak RSS (goal < 2 GB); ``--big-no-pixels`` skips writing
+its pixels (coords + tissue only) when the disk or the time is short.
+
+  .venv/bin/python bench/tile.py                 # 16k slide, all three compressions
+  .venv/bin/python bench/tile.py --big           # + peak RSS on a 100k-patch slide
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+OUT = Path(__file__).resolve().parent / "out"
+
+
+# ---------------------------------------------------------------- synthetic slide
+def _texture(size: int, seed: int) -> np.ndarray:
+    """(size, size, 3) uint8 H&E-like texture: smooth stain fields + cell-scale noise."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+
+    def smooth(n: int) -> np.ndarray:
+        small = (rng.random((n, n)) * 255).astype(np.uint8)
+        return (
+            np.asarray(
+                Image.fromarray(small).resize((size, size), Image.Resampling.BICUBIC), np.float32
+            )
+            / 255
+        )
+
+    hema = 0.5 * smooth(8) + 0.5 * smooth(size // 12)
+    eos = smooth(16)
+    fine = rng.random((size, size)).astype(np.float32)
+    nuclei = (smooth(size // 6) > 0.72).astype(np.float32)
+    h = np.clip(0.35 * hema + 0.15 * fine + 0.5 * nuclei, 0, 1)[..., None]
+    e = np.clip(0.6 * eos + 0.2 * fine, 0, 1)[..., None]
+    white = np.array([245, 240, 245], np.float32)
+    hcol = np.array([80, 40, 140], np.float32)
+    ecol = np.array([230, 120, 180], np.float32)
+    img = white * (1 - 0.7 * e) * (1 - 0.8 * h) + ecol * 0.7 * e * (1 - 0.8 * h) + hcol * 0.8 * h
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def write_slide(
+    path: Path, size: int, tile: int = 256, quality: int = 90, workers: int = 2
+) -> Path:
+    """JPEG-tiled pyramidal TIFF (generic-tiff for OpenSlide), written tile by tile."""
+    import tifffile
+
+    if path.exists():
+        return path
+    tex = _texture(2048, 0)
+    tmp = path.with_name(path.name + ".tmp")
+    levels = []
+    lw = size
+    while True:
+        levels.append(lw)
+        if lw <= 2048:
+            break
+        lw = lw // 4
+    with tifffile.TiffWriter(tmp, bigtiff=size * size * 3 > 2**31) as tw:
+        for k, lw in enumerate(levels):
+            d = size // lw
+
+            def tiles(lw: int = lw, d: int = d):
+                for ty in range(0, lw, tile):
+                    for tx in range(0, lw, tile):
+                        # wander over the texture so tiles differ; scale with the level
+                        ox = (tx * 7 + ty * 3 + (tx // tile) * 131) % (2048 - tile)
+                        oy = (ty * 5 + tx * 2 + (ty // tile) * 97) % (2048 - tile)
+                        yield tex[oy : oy + tile, ox : ox + tile]
+
+            mpp = 0.25 * d
+            tw.write(
+                tiles(),
+                shape=(lw, lw, 3),
+                dtype=np.uint8,
+                tile=(tile, tile),
+                photometric="rgb",
+                compression="jpeg",
+                compressionargs={"level": quality},
+                resolution=(1e4 / mpp, 1e4 / mpp),
+                resolutionunit="CENTIMETER",
+                subfiletype=0 if k == 0 else 1,
+                metadata=None,
+                maxworkers=workers,
+            )
+    os.replace(tmp, path)
+    return path
+
+
+# ---------------------------------------------------------------- measurements
+def run_ours(
+    slide: Path, work: Path, patch: int, workers: int, compression: str, pixels: bool = True
+) -> dict:
+    from wsi_mil.config import TileConfig
+    from wsi_mil.slides import SlideEntry
+    from wsi_mil.tiling import PatchStore, tile_slides
+
+    shutil.rmtree(work, ignore_errors=True)
+    cfg = TileConfig(
+        work=work,
+        patch_size=patch,
+        tissue="none",
+        workers=workers,
+        compression=compression,
+        pixels=pixels,
+    )
+    t0 = time.perf_counter()
+    res = tile_slides(cfg, [SlideEntry("bench", slide)], progress=False)
+    dt = time.perf_counter() - t0
+    assert res.exit_code == 0, res.summary()
+    store = PatchStore.open(work / "patches" / "bench.zarr")
+    size = sum(p.stat().st_size for p in store.path.rglob("*") if p.is_file())
+    return {"n": len(store), "s": dt, "bytes": size, "coords": store.coords}
+
+
+def run_baseline(slide: Path, coords: np.ndarray, patch: int, workers: int) -> float:
+    """CLAM-style: openslide.read_region per patch, one handle per thread. Returns seconds."""
+    import openslide
+
+    local = threading.local()
+
+    def read(chunk: np.ndarray) -> int:
+        if not hasattr(local, "os"):
+            local.os = openslide.OpenSlide(str(slide))
+        for x, y in chunk:
+            np.asarray(local.os.read_region((int(x), int(y)), 0, (patch, patch)).convert("RGB"))
+        return len(chunk)
+
+    chunks = np.array_split(coords, max(1, len(coords) // 64))
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(workers) as pool:
+        assert sum(pool.map(read, chunks)) == len(coords)
+    return time.perf_counter() - t0
+
+
+def run_decode_limit(
+    slide: Path, coords: np.ndarray, patch: int, workers: int
+) -> tuple[float, int]:
+    """Read + JPEG-decode every level-0 tile that covers a patch, once. Returns (seconds, tiles)."""
+    import imagecodecs
+    import tifffile
+
+    with tifffile.TiffFile(slide) as tf:
+        page = tf.pages[0]
+        tw, th = page.tilewidth, page.tilelength
+        across = -(-page.imagewidth // tw)
+        offsets, counts = list(page.dataoffsets), list(page.databytecounts)
+        tables = page.jpegtables
+        keys = set()
+        w0, h0 = page.imagewidth, page.imagelength
+        for x, y in coords:
+            for r in range(y // th, (min(y + patch, h0) - 1) // th + 1):
+                for c in range(x // tw, (min(x + patch, w0) - 1) // tw + 1):
+                    keys.add(r * across + c)
+    fd = os.open(slide, os.O_RDONLY)
+    ordered = sorted(keys)
+
+    def dec(ks: list[int]) -> int:
+        for k in ks:
+            imagecodecs.jpeg8_decode(os.pread(fd, counts[k], offsets[k]), tables=tables)
+        return len(ks)
+
+    groups = [ordered[i : i + 32] for i in range(0, len(ordered), 32)]
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(workers) as pool:
+        n = sum(pool.map(dec, groups))
+    dt = time.perf_counter() - t0
+    os.close(fd)
+    return dt, n
+
+
+def big_child(slide: str, work: str, patch: int, workers: int, pixels: bool) -> None:
+    """Runs in a fresh process: tile, print JSON with peak RSS (MB) and time."""
+    r = run_ours(Path(slide), Path(work), patch, workers, "zstd", pixels)
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"n": r["n"], "s": r["s"], "rss_mb": rss_mb, "bytes": r["bytes"]}))
+
+
+def main() -> None:
+    from wsi_mil.batch import available_cpus
+
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--size", type=int, default=16384, help="slide side in px (>= 16384 for the acceptance run)"
+    )
+    ap.add_argument("--patch", type=int, default=224)
+    ap.add_argument("--workers", type=int, default=None, help="default: available_cpus()")
+    ap.add_argument("--compressions", default="zstd,lz4,none")
+    ap.add_argument(
+        "--big", action="store_true", help="also measure peak RSS on a --big-size slide"
+    )
+    ap.add_argument("--big-size", type=int, default=71680)
+    ap.add_argument("--big-no-pixels", action="store_true", help="big run: coords + tissue only")
+    ap.add_argument("--keep", action="store_true", help="keep the patch stores written")
+    ap.add_argument("--_child", nargs=5, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a._child:
+        slide, work, patch, workers, pixels = a._child
+        big_child(slide, work, int(patch), int(workers), pixels == "1")
+        return
+    workers = a.workers or available_cpus()
+    OUT.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    slide = write_slide(OUT / f"bench_tile_{a.size}.tiff", a.size, workers=workers)
+    print(
+        f"slide {slide} ({slide.stat().st_size / 1e6:.0f} MB, written/reused in {time.perf_counter() - t0:.0f} s), workers={workers}, patch={a.patch}"
+    )
+    tmp = Path(tempfile.mkdtemp(prefix="bench_tile_", dir=OUT))
+    rows = []
+    try:
+        ours = {}
+        for comp in a.compressions.split(","):
+            ours[comp] = run_ours(slide, tmp / comp, a.patch, workers, comp)
+        coords = next(iter(ours.values()))["coords"]
+        n = len(coords)
+        base_s = run_baseline(slide, coords, a.patch, workers)
+        dec_s, n_tiles = run_decode_limit(slide, coords, a.patch, workers)
+        raw = n * a.patch * a.patch * 3
+        print(f"\n{n} patches of {a.patch}^2 px, {n_tiles} covering 256^2 JPEG tiles\n")
+        print(f"{'method':34s} {'seconds':>8s} {'patches/s':>10s} {'store MB':>9s} {'vs raw':>7s}")
+        for comp, r in ours.items():
+            print(
+                f"{'ours, pixels ' + comp:34s} {r['s']:8.2f} {n / r['s']:10.0f} {r['bytes'] / 1e6:9.0f} {raw / r['bytes']:6.1f}x"
+            )
+            rows.append(r)
+        print(f"{'baseline: per-patch read_region':34s} {base_s:8.2f} {n / base_s:10.0f}")
+        print(f"{'decode limit: each tile once':34s} {dec_s:8.2f} {n / dec_s:10.0f}")
+        best = ours.get("zstd") or next(iter(ours.values()))
+        print("\nratios (zstd, the default):")
+        print(f"  ours / baseline      = {base_s / best['s']:.2f}x   (goal >= 4)")
+        print(f"  ours / decode limit  = {dec_s / best['s']:.2f}    (goal >= 0.5)")
+        for comp, r in ours.items():
+            print(
+                f"  {comp:5s}: {base_s / r['s']:.2f}x baseline, {dec_s / r['s']:.2f} of decode limit"
+            )
+    finally:
+        if not a.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if a.big:
+        big = write_slide(OUT / f"bench_tile_{a.big_size}.tiff", a.big_size, workers=workers)
+        work = Path(tempfile.mkdtemp(prefix="bench_tile_big_", dir=OUT))
+        try:
+            cmd = [
+                sys.executable,
+                __file__,
+                "--_child",
+                str(big),
+                str(work),
+                str(a.patch),
+                str(workers),
+                "0" if a.big_no_pixels else "1",
+            ]
+            out = (
+                subprocess.run(cmd, capture_output=True, text=True, check=True)
+                .stdout.strip()
+                .splitlines()[-1]
+            )
+            r = json.loads(out)
+            print(
+                f"\nbig slide {a.big_size}^2: {r['n']} patches, pixels={'no' if a.big_no_pixels else 'yes'}, "
+                f"{r['s']:.0f} s ({r['n'] / r['s']:.0f} patches/s), store {r['bytes'] / 1e9:.2f} GB, "
+                f"peak RSS {r['rss_mb']:.0f} MB (goal < 2048 MB)"
+            )
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
