@@ -1,0 +1,136 @@
+"""Extraction throughput: encoder alone vs the full pipeline, on the same patches, in one run.
+
+Prints (the machine is shared, so RATIOS measured in one run are what counts):
+  - encoder-only throughput: forward passes over preprocessed tensors already in memory;
+  - full extraction throughput from a patch store: decode + I/O + preprocess + encoder +
+    HDF5 write (extract_store, background reader threads);
+  - the same full pipeline with workers=0 (decode in the main thread, no overlap);
+  - ratio full / encoder-only (>= 0.9 means decode and I/O are hidden behind compute).
+Each timing is the best of --repeat alternating runs.
+
+    .venv/bin/python bench/extract.py [--n 192] [--patch-px 224] [--batch-size 64] [--device auto]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from slide_factory import test_image  # noqa: E402
+
+from wsi_mil.batch import available_cpus  # noqa: E402
+from wsi_mil.features import (  # noqa: E402
+    create_encoder,
+    extract_store,
+    prepare_model,
+    preprocess,
+    resolve_device,
+)
+from wsi_mil.tiling.patch_store import PatchStore, PatchStoreWriter  # noqa: E402
+
+
+def make_store(path: Path, n: int, patch_px: int, chunk: int) -> PatchStore:
+    """A pixel store of ``n`` patches cut from a structured test image (zarr default codec)."""
+    side = int(np.ceil(np.sqrt(n)))
+    img = test_image(side * patch_px, side * patch_px, seed=3)
+    xy = np.stack(np.meshgrid(np.arange(side), np.arange(side)), -1).reshape(-1, 2)[:n] * patch_px
+    attrs = {
+        "level": 0,
+        "downsample": 1.0,
+        "patch_size": patch_px,
+        "level0_width": side * patch_px,
+        "level0_height": side * patch_px,
+        "mpp": 0.5,
+        "slide_path": "",
+    }
+    with PatchStoreWriter(path, xy, attrs, chunk_patches=chunk) as w:
+        for s in range(0, n, chunk):
+            w.write_pixels(
+                s, np.stack([img[y : y + patch_px, x : x + patch_px] for x, y in xy[s : s + chunk]])
+            )
+        w.commit()
+    return PatchStore.open(path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=192, help="patches")
+    ap.add_argument("--patch-px", type=int, default=224)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--workers", type=int, default=1, help="reader threads of the full pipeline")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--repeat", type=int, default=2)
+    a = ap.parse_args()
+    device = resolve_device(a.device)
+    if device.type == "cpu":
+        torch.set_num_threads(available_cpus())
+    model = prepare_model(create_encoder(), device)
+    info = model.info
+    cuda = device.type == "cuda"
+
+    with tempfile.TemporaryDirectory() as d:
+        store = make_store(Path(d) / "bench.zarr", a.n, a.patch_px, chunk=64)
+        pix = store.pixels(0, a.n)
+        tensors = [
+            preprocess(pix[s : s + a.batch_size], info, device=device).contiguous(
+                memory_format=torch.channels_last
+            )
+            for s in range(0, a.n, a.batch_size)
+        ]
+
+        def encoder_only() -> None:
+            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+                for x in tensors:
+                    model(x).float().cpu()  # same device->host copy as the pipeline
+
+        def full(workers: int) -> None:
+            extract_store(
+                store,
+                model,
+                Path(d) / "out.h5",
+                batch_size=a.batch_size,
+                workers=workers,
+                device=device,
+            )
+
+        encoder_only()  # warm-up (kernel selection, allocator)
+        t_enc, t_full, t_sync = [], [], []
+        for _ in range(a.repeat):
+            for fn, acc in (
+                (encoder_only, t_enc),
+                (lambda: full(a.workers), t_full),
+                (lambda: full(0), t_sync),
+            ):
+                if cuda:
+                    torch.cuda.synchronize()
+                t = time.perf_counter()
+                fn()
+                if cuda:
+                    torch.cuda.synchronize()
+                acc.append(time.perf_counter() - t)
+        enc, ful, syn = a.n / min(t_enc), a.n / min(t_full), a.n / min(t_sync)
+        dev_name = (
+            torch.cuda.get_device_name(device)
+            if cuda
+            else f"cpu x{torch.get_num_threads()} threads"
+        )
+        print(
+            f"device: {dev_name}; {a.n} patches of {a.patch_px}px, batch {a.batch_size}, encoder {info.tag}, best of {a.repeat}"
+        )
+        print(f"encoder only (tensors in memory):            {enc:9.1f} patches/s")
+        print(f"full extraction, {a.workers} reader thread(s):       {ful:9.1f} patches/s")
+        print(f"full extraction, workers=0 (no overlap):      {syn:9.1f} patches/s")
+        print(
+            f"ratio full / encoder-only: {ful / enc:.3f}  (target >= 0.9)   no-overlap ratio: {syn / enc:.3f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
