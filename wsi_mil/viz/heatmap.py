@@ -173,23 +173,41 @@ def draw_smooth_heatmap(
     sigma_patches: float = 0.5,
 ) -> np.ndarray:
     """Smooth colour heatmap: attention on the patch footprints, Gaussian of ``sigma_patches``
-    patch sides, colour map ``cmap`` over [0, 1] of the smoothed maximum, blended where patches are."""
+    patch sides, colour map ``cmap`` over [0, 1] of the smoothed maximum, blended where patches are.
+
+    The smoothing runs on a grid of ~4 px per patch side and is resized up (bilinear), so
+    its cost does not grow with the thumbnail size.
+    """
     from matplotlib import colormaps
+    from PIL import Image
     from scipy.ndimage import gaussian_filter
 
     th, tw = thumb.shape[:2]
-    mean, count = attention_grid(coords_level0, attention, patch_size_level0, level0_size, (th, tw))
-    covered = (count > 0).astype(np.float64)
     w0, _ = level0_size
     side_px = max(1.0, patch_size_level0 * tw / max(1, w0))
-    sigma = max(0.5, sigma_patches * side_px)
-    num = gaussian_filter(mean * covered, sigma, mode="constant")
+    f = max(1, int(side_px // 4))  # coarse grid: thumbnail px per coarse px
+    ch, cw = -(-th // f), -(-tw // f)
+    # the coarse grid covers f*cw x f*ch thumbnail px = a slightly larger level-0 extent
+    ext0 = (level0_size[0] * (cw * f) / tw, level0_size[1] * (ch * f) / th)
+    mean, count = attention_grid(coords_level0, attention, patch_size_level0, ext0, (ch, cw))
+    covered = (count > 0).astype(np.float32)
+    sigma = max(0.5, sigma_patches * side_px / f)
+    num = gaussian_filter((mean * covered).astype(np.float32), sigma, mode="constant")
     den = gaussian_filter(covered, sigma, mode="constant")
-    smooth = np.where(den > 1e-6, num / np.maximum(den, 1e-6), 0.0)
+    smooth = np.where(den > 1e-6, num / np.maximum(den, 1e-6), 0.0).astype(np.float32)
+
+    def up(a: np.ndarray) -> np.ndarray:
+        if f == 1:
+            return a
+        box = (0.0, 0.0, tw / f, th / f)
+        img = Image.fromarray(a.astype(np.float32), mode="F")
+        return np.asarray(img.resize((tw, th), Image.Resampling.BILINEAR, box=box))
+
+    smooth, den = up(smooth), up(den)
     peak = smooth.max()
     if peak > 0:
         smooth = smooth / peak
-    rgb = colormaps[cmap](smooth)[..., :3] * 255.0
+    rgb = colormaps[cmap](np.clip(smooth, 0.0, 1.0), bytes=True)[..., :3]
     # the patches' footprint with a soft edge; untiled background stays as it is
     alpha = float(max_alpha) * np.clip(2.0 * den, 0.0, 1.0)
     return blend(thumb, rgb, alpha)

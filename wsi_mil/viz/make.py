@@ -212,7 +212,9 @@ def write_png(arr: np.ndarray, final: Path, text: dict[str, str] | None = None) 
     for k, v in (text or {}).items():
         info.add_text(k, v)
     with atomic_path(final) as tmp:
-        Image.fromarray(np.ascontiguousarray(arr)).save(tmp, format="PNG", pnginfo=info)
+        Image.fromarray(np.ascontiguousarray(arr)).save(
+            tmp, format="PNG", pnginfo=info, compress_level=3
+        )
 
 
 def render_slide(
