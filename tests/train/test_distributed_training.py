@@ -188,3 +188,85 @@ def test_torchrun_differs_from_wrong_accumulation(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     a, b = _weights(single), _weights(multi)
     assert any(not torch.allclose(a[k], b[k], atol=ATOL, rtol=0) for k in a)
+
+
+# ---------------------------------------------------------------- end to end
+P, GRID = 32, 4  # 16 patches of 32 px per slide
+
+
+def make_patch_stores(root: Path, n_train: int = 5, n_val: int = 2) -> Path:
+    """Tiny real zarr patch stores (noise; positives carry a red square) + slide table."""
+    from wsi_mil.tiling.patch_store import PatchStoreWriter
+
+    rng = np.random.default_rng(1)
+    coords = np.array([(x * P, y * P) for y in range(GRID) for x in range(GRID)], np.int64)
+    attrs = {"level": 0, "downsample": 1.0, "patch_size": P, "slide_path": ""}
+    attrs |= {"level0_width": GRID * P, "level0_height": GRID * P}
+    rows = []
+    for i in range(n_train + n_val):
+        label = i % 2
+        px = rng.integers(150, 230, size=(len(coords), P, P, 3), dtype=np.uint8)
+        if label:
+            px[int(rng.integers(len(coords))), 8:24, 8:24] = (220, 20, 20)
+        with PatchStoreWriter(root / "work" / "patches" / f"e{i}.zarr", coords, attrs) as w:
+            w.write_pixels(0, px)
+            w.commit()
+        rows.append((f"e{i}", "", label, "train" if i < n_train else "val"))
+    table = root / "e2e_slides.csv"
+    with open(table, "w", newline="") as fh:
+        csv.writer(fh).writerows([("slide_id", "path", "label", "split"), *rows])
+    return table
+
+
+def _e2e_args(table: Path, root: Path, run: Path, bags_per_step: int) -> list[str]:
+    small = ["--feature-dim", "16", "--encoder-width", "8", "--pos-dim", "8", "--attn-dim", "8"]
+    return [
+        "-q", "train", "--mode", "e2e", "--slides", str(table), "--work", str(root / "work"),
+        "--run", str(run), "--epochs", "2", "--bags-per-step", str(bags_per_step),
+        "--device", "cpu", "--seed", "5", "--lr", "0.003", "--early-stop", "none",
+        # one chunk per bag, so each bag's gradient is summed in the same order in both runs
+        "--chunk-size", str(GRID * GRID), "--hidden-dim", "8", *small,
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_torchrun_e2e_equals_single_process_accumulation(tmp_path):
+    table = make_patch_stores(tmp_path)
+    single, multi = tmp_path / "e2e_single", tmp_path / "e2e_ddp"
+    one = subprocess.run(
+        [sys.executable, "-m", "wsi_mil", *_e2e_args(table, tmp_path, single, 2)],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+        + ["-m", "--", "wsi_mil", *_e2e_args(table, tmp_path, multi, 1)],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    ca = torch.load(single / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    cb = torch.load(multi / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    for part in ("model",):
+        for k, v in ca[part].items():
+            assert torch.allclose(v, cb[part][k], atol=ATOL, rtol=0), (
+                k,
+                (v - cb[part][k]).abs().max(),
+            )
+    ea, eb = ca["extra"]["encoder"], cb["extra"]["encoder"]
+    assert ea.keys() == eb.keys()
+    for k, v in ea.items():
+        if v.is_floating_point():
+            assert torch.allclose(v, eb[k], atol=ATOL, rtol=0), (k, (v - eb[k]).abs().max())
+        else:
+            assert torch.equal(v, eb[k]), k
+    ma, mb = _metrics(single), _metrics(multi)
+    for ra, rb in zip(ma, mb, strict=True):
+        assert float(ra["val_loss"]) == pytest.approx(float(rb["val_loss"]), abs=1e-5)
+    assert (multi / "encoder.pt").is_file()
+    assert not [p for p in multi.rglob("*") if ".tmp-" in p.name]
