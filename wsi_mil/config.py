@@ -233,6 +233,7 @@ class HeatmapConfig:
     thumbnail_px: int = 2048  # longest side of the drawn thumbnail
     top_k: int = 8  # most-attended patches in R/heatmaps/<id>_topk.png; 0 = none
     max_alpha: float = 0.85  # opacity of the most-attended patch (boxes and smooth)
+    scale: str = "max"  # attention -> [0, 1]: max (the seed's a / max a) | minmax | rank
     markers: Path | None = None  # markers.csv; None: next to --slides, else the slide's folder
     slides: Path | None = None  # slide table overriding the slide paths in the attention files
     work: Path | None = None  # where failures.csv goes; None = the run folder

@@ -17,6 +17,7 @@ from wsi_mil.viz.heatmap import (
     outline_px,
     patch_boxes_thumb,
     rect_sum,
+    scaled_attention,
     thumbnail_size,
     topk_strip,
 )
@@ -197,3 +198,24 @@ def test_100k_patches_draw_in_bounded_time():
     assert out.shape == sm.shape == thumb.shape
     assert blueness(out).max() > 200
     assert dt < 20, f"drawing 10^5 patches took {dt:.1f} s: not vectorised?"
+
+
+def test_scales():
+    a = np.array([2.0, 3.0, 4.0, 4.0])
+    np.testing.assert_allclose(scaled_attention(a, "max"), [0.5, 0.75, 1, 1])
+    np.testing.assert_allclose(scaled_attention(a, "minmax"), [0, 0.5, 1, 1])
+    np.testing.assert_allclose(scaled_attention(a, "rank"), [0.25, 0.5, 0.875, 0.875])
+    np.testing.assert_allclose(scaled_attention(np.full(3, 0.2), "minmax"), 1.0)
+    with pytest.raises(ValueError, match="scale"):
+        scaled_attention(a, "log")
+
+
+def test_minmax_scale_shows_contrast_in_nearly_flat_attention():
+    coords = np.array([[0, 0], [100, 0]])
+    att = np.array([0.499, 0.501])
+    flat = blueness(draw_attention_boxes(white(50, 100), coords, att, 100, (200, 100)))
+    assert abs(flat[0, 0] - flat[0, 50]) < 2  # max-scaled: both nearly max_alpha
+    mm = blueness(
+        draw_attention_boxes(white(50, 100), coords, att, 100, (200, 100), scale="minmax")
+    )
+    assert mm[0, 0] == 0 and mm[0, 50] > 200

@@ -85,6 +85,14 @@ from wsi_mil.cli.common import (
     help="Opacity of the most attended patch's box (others scale with their attention).",
 )
 @click.option(
+    "--scale",
+    type=click.Choice(["max", "minmax", "rank"]),
+    default="max",
+    show_default=True,
+    help="How attention maps to opacity/colour: max = attention / slide maximum (the seed's); "
+    "minmax = (a - min) / (max - min), contrast for nearly flat attention; rank = percentile.",
+)
+@click.option(
     "--markers",
     type=click.Path(dir_okay=False),
     default=None,

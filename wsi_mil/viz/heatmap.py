@@ -4,7 +4,7 @@ Everything is computed at thumbnail scale and vectorised over patches: a slide o
 patches costs a few array passes over the thumbnail, never one draw call per patch.
 
 - :func:`draw_attention_boxes`: the seed's picture -- bold blue box outlines over every
-  patch, opacity ``max_alpha * attention / max(attention)``. Overlapping boxes composite
+  patch, opacity ``max_alpha * attention / max(attention)`` (or min-max / rank scaled). Overlapping boxes composite
   like stacked translucent layers (``alpha = 1 - prod(1 - alpha_i)``).
 - :func:`draw_smooth_heatmap`: attention painted on the patch footprints, Gaussian-smoothed
   (normalised convolution, so tissue edges do not fade), colour-mapped and alpha-blended.
@@ -114,11 +114,29 @@ def blend(
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
 
-def scaled_attention(attention: np.ndarray) -> np.ndarray:
-    """Attention divided by the slide's maximum, in [0, 1] (all zeros stay zeros)."""
+SCALES = ("max", "minmax", "rank")
+
+
+def scaled_attention(attention: np.ndarray, scale: str = "max") -> np.ndarray:
+    """Attention mapped to [0, 1] for drawing.
+
+    max (the seed's): ``a / max(a)``; minmax: ``(a - min) / (max - min)`` (contrast for
+    nearly flat attention); rank: percentile rank in (0, 1] (CLAM-style, ties share a rank).
+    """
     a = np.clip(np.asarray(attention, dtype=np.float64).reshape(-1), 0.0, None)
-    m = a.max() if len(a) else 0.0
-    return a / m if m > 0 else a
+    if len(a) == 0:
+        return a
+    if scale == "max":
+        m = a.max()
+        return a / m if m > 0 else a
+    if scale == "minmax":
+        lo, hi = a.min(), a.max()
+        return (a - lo) / (hi - lo) if hi > lo else np.ones_like(a)
+    if scale == "rank":
+        from wsi_mil.train.metrics import average_ranks
+
+        return average_ranks(a) / len(a)
+    raise ValueError(f"unknown attention scale {scale!r}; choose one of {', '.join(SCALES)}")
 
 
 # ---------------------------------------------------------------- styles
@@ -130,6 +148,7 @@ def draw_attention_boxes(
     level0_size: tuple[int, int],
     colour: tuple[int, int, int] = BLUE,
     max_alpha: float = 0.85,
+    scale: str = "max",
 ) -> np.ndarray:
     """The seed's overlay: bold ``colour`` outlines, opacity ``max_alpha * a / max(a)``.
 
@@ -140,7 +159,7 @@ def draw_attention_boxes(
     if len(boxes) == 0:
         return thumb.copy()
     side = float(np.median(np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])))
-    alphas = float(max_alpha) * scaled_attention(attention)[keep]
+    alphas = float(max_alpha) * scaled_attention(attention, scale)[keep]
     alpha = outline_alpha((th, tw), boxes, alphas, outline_px(side))
     return blend(thumb, colour, alpha)
 
@@ -151,10 +170,11 @@ def attention_grid(
     patch_size_level0: int,
     level0_size: tuple[int, int],
     thumb_hw: tuple[int, int],
+    scale: str = "max",
 ) -> tuple[np.ndarray, np.ndarray]:
     """((h, w) mean scaled attention over the patches covering each pixel, (h, w) patch count)."""
     boxes, keep = patch_boxes_thumb(coords_level0, patch_size_level0, level0_size, thumb_hw)
-    a = scaled_attention(attention)[keep]
+    a = scaled_attention(attention, scale)[keep]
     total = rect_sum(thumb_hw, boxes, a)
     count = rect_sum(thumb_hw, boxes, np.ones(len(boxes)))
     count = np.round(count)
@@ -171,6 +191,7 @@ def draw_smooth_heatmap(
     max_alpha: float = 0.6,
     cmap: str = "jet",
     sigma_patches: float = 0.5,
+    scale: str = "max",
 ) -> np.ndarray:
     """Smooth colour heatmap: attention on the patch footprints, Gaussian of ``sigma_patches``
     patch sides, colour map ``cmap`` over [0, 1] of the smoothed maximum, blended where patches are.
@@ -189,7 +210,7 @@ def draw_smooth_heatmap(
     ch, cw = -(-th // f), -(-tw // f)
     # the coarse grid covers f*cw x f*ch thumbnail px = a slightly larger level-0 extent
     ext0 = (level0_size[0] * (cw * f) / tw, level0_size[1] * (ch * f) / th)
-    mean, count = attention_grid(coords_level0, attention, patch_size_level0, ext0, (ch, cw))
+    mean, count = attention_grid(coords_level0, attention, patch_size_level0, ext0, (ch, cw), scale)
     covered = (count > 0).astype(np.float32)
     sigma = max(0.5, sigma_patches * side_px / f)
     num = gaussian_filter((mean * covered).astype(np.float32), sigma, mode="constant")
@@ -227,7 +248,7 @@ def draw_marker_boxes(
     if len(b) == 0:
         return out
     sx, sy = tw / max(1, level0_size[0]), th / max(1, level0_size[1])
-    t = int(thickness_px) if thickness_px else max(2, int(round(max(th, tw) / 512)))
+    t = int(thickness_px) if thickness_px else max(2, int(round(max(th, tw) / 300)))
     for x0l, y0l, x1l, y1l in b:
         x0, y0 = int(np.floor(x0l * sx)), int(np.floor(y0l * sy))
         x1, y1 = int(np.ceil(x1l * sx)), int(np.ceil(y1l * sy))

@@ -49,6 +49,7 @@ from wsi_mil.viz.attention import (
     resolve_slide_paths,
 )
 from wsi_mil.viz.heatmap import (
+    SCALES,
     draw_attention_boxes,
     draw_marker_boxes,
     draw_smooth_heatmap,
@@ -99,6 +100,8 @@ def _check(cfg: HeatmapConfig) -> None:
         raise ConfigError(f"--thumbnail-px {cfg.thumbnail_px} is too small", "use >= 16")
     if cfg.top_k < 0:
         raise ConfigError(f"--top-k {cfg.top_k} is negative", "use 0 (no crops) or more")
+    if cfg.scale not in SCALES:
+        raise ConfigError(f"unknown --scale {cfg.scale!r}", f"choose one of {', '.join(SCALES)}")
     if not 0.0 < cfg.max_alpha <= 1.0:
         raise ConfigError(f"--max-alpha {cfg.max_alpha} is outside (0, 1]")
 
@@ -175,6 +178,7 @@ def _digest(
             "thumbnail_px": cfg.thumbnail_px,
             "top_k": cfg.top_k,
             "max_alpha": cfg.max_alpha,
+            "scale": cfg.scale,
             "attention": file_fingerprint(att_file),
             "slide": [str(slide_path), slide_fp],
             "markers": None if boxes is None else boxes.tolist(),
@@ -233,7 +237,8 @@ def render_slide(
     digest = _digest(cfg, att_file, slide_path, marker_boxes)
     slide_ok = slide_path is not None and Path(slide_path).exists()
     outs = _outputs(cfg, out_dir, sid, slide_ok)
-    with output_lock(outs[-1]) as held:
+    # lock files live in heatmaps/.locks so the PNG folder holds only pictures
+    with output_lock(out_dir / ".locks" / outs[-1].name) as held:
         if not held:
             raise Skip  # another process is drawing this slide right now
         if not cfg.overwrite and all(p.is_file() for p in outs) and png_digest(outs[-1]) == digest:
@@ -288,6 +293,7 @@ def _draw(
         tw, th = thumbnail_size(level0, cfg.thumbnail_px)
         thumb = np.full((th, tw, 3), 255, np.uint8)
     args = (am.coords, am.attention, am.patch_size_level0, level0)
+    smooth_alpha = min(cfg.max_alpha, 0.6)
 
     def with_markers(img: np.ndarray) -> np.ndarray:
         if marker_boxes is None or len(marker_boxes) == 0:
@@ -299,6 +305,7 @@ def _draw(
         "n_patches": str(len(am)),
         "level0_size": f"{level0[0]}x{level0[1]}",
         "style": cfg.style,
+        "scale": cfg.scale,
         "prob": "" if am.prob is None else f"{am.prob:.6f}",
         "label": str(am.label),
     }
@@ -306,12 +313,16 @@ def _draw(
     main_img: np.ndarray
     if cfg.style == "smooth":
         main_img = with_markers(
-            draw_smooth_heatmap(thumb, *args, max_alpha=min(cfg.max_alpha, 0.6))
+            draw_smooth_heatmap(thumb, *args, max_alpha=smooth_alpha, scale=cfg.scale)
         )
     else:
-        main_img = with_markers(draw_attention_boxes(thumb, *args, max_alpha=cfg.max_alpha))
+        main_img = with_markers(
+            draw_attention_boxes(thumb, *args, max_alpha=cfg.max_alpha, scale=cfg.scale)
+        )
         if cfg.style == "both":
-            sm = with_markers(draw_smooth_heatmap(thumb, *args, max_alpha=min(cfg.max_alpha, 0.6)))
+            sm = with_markers(
+                draw_smooth_heatmap(thumb, *args, max_alpha=smooth_alpha, scale=cfg.scale)
+            )
             p = out_dir / f"{sid}_smooth.png"
             write_png(sm, p, {**text, "style": "smooth"})
             written.append(p)
