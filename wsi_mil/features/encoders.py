@@ -362,12 +362,14 @@ def preprocess(
     patches: np.ndarray | torch.Tensor,
     info: EncoderInfo | None = None,
     device: str | torch.device | None = None,
+    memory_format: torch.memory_format = torch.contiguous_format,
 ) -> torch.Tensor:
     """uint8 (n, P, P, 3) RGB -> float32 (n, 3, S, S) normalised with the encoder's mean/std.
 
     ``S`` is ``info.input_px`` (bilinear, antialiased resize) or ``P`` when the encoder takes
     any size. Runs on ``device`` if given (move uint8 first: 4x less to transfer), else where
     the input lives. Default normalisation: ImageNet mean/std (the default encoder's).
+    ``memory_format=torch.channels_last`` skips a copy (the layout the pixels already have).
     """
     x = (
         torch.from_numpy(np.ascontiguousarray(patches))
@@ -378,16 +380,15 @@ def preprocess(
         raise ValueError(f"expected (n, P, P, 3) uint8 patches, got shape {tuple(x.shape)}")
     if device is not None:
         x = x.to(device, non_blocking=True)
-    x = x.permute(0, 3, 1, 2).float().div_(255.0)
+    x = x.permute(0, 3, 1, 2).float()  # NHWC memory seen as NCHW: channels_last strides
     size = info.input_px if info is not None else None
     if size and (x.shape[-2] != size or x.shape[-1] != size):
         x = torch.nn.functional.interpolate(
             x, size=(size, size), mode="bilinear", antialias=True, align_corners=False
         )
-    mean = torch.tensor(info.mean if info else IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(
-        1, 3, 1, 1
+    mean = (
+        torch.tensor(info.mean if info else IMAGENET_MEAN, dtype=x.dtype, device=x.device) * 255.0
     )
-    std = torch.tensor(info.std if info else IMAGENET_STD, dtype=x.dtype, device=x.device).view(
-        1, 3, 1, 1
-    )
-    return ((x - mean) / std).contiguous()
+    std = torch.tensor(info.std if info else IMAGENET_STD, dtype=x.dtype, device=x.device) * 255.0
+    x = x.sub_(mean.view(1, 3, 1, 1)).div_(std.view(1, 3, 1, 1))
+    return x.contiguous(memory_format=memory_format)

@@ -120,7 +120,8 @@ class PatchBatchLoader:
     Reads chunk-aligned blocks in ``workers`` background threads (0: synchronous, in the
     caller's thread) and re-cuts them into batches of exactly ``batch_size`` (the last may be
     shorter), so no chunk is decoded twice. Coords-only stores read from the slide, one open
-    slide per thread (``slide_opener``). ``pin_memory`` pins batches for fast CUDA copies.
+    slide per thread (``slide_opener``). ``pin_memory`` pins batches for fast CUDA copies;
+    ``transform`` (e.g. CPU preprocessing) runs on each batch in the background thread too.
     """
 
     def __init__(
@@ -131,6 +132,7 @@ class PatchBatchLoader:
         slide_opener: Callable[[], Any] | None = None,
         pin_memory: bool = False,
         prefetch: int = 2,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
@@ -138,6 +140,7 @@ class PatchBatchLoader:
         self.batch_size = int(batch_size)
         self.workers = max(0, int(workers))
         self.pin_memory = pin_memory
+        self.transform = transform
         self.prefetch = max(1, prefetch)
         self._opener = slide_opener or store.open_slide
         self._local = threading.local()
@@ -209,6 +212,8 @@ class PatchBatchLoader:
 
     def _tensor(self, arr: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(np.ascontiguousarray(arr))
+        if self.transform is not None:
+            t = self.transform(t)
         return t.pin_memory() if self.pin_memory else t
 
     def __iter__(self) -> Iterator[tuple[int, torch.Tensor]]:
@@ -281,7 +286,7 @@ def encode_batches(
     device: torch.device,
     info: EncoderInfo | None = None,
 ) -> Iterator[tuple[int, np.ndarray]]:
-    """(start, uint8 (n, P, P, 3)) -> (start, float32 (n, D)) under inference mode.
+    """(start, uint8 (n, P, P, 3) or preprocessed float) -> (start, float32 (n, D)), inference mode.
 
     CUDA: bf16 autocast; channels_last everywhere (also faster for CPU convolutions).
     """
@@ -289,7 +294,12 @@ def encode_batches(
     cuda = device.type == "cuda"
     with torch.inference_mode():
         for start, batch in batches:
-            x = preprocess(batch, info, device=device).contiguous(memory_format=torch.channels_last)
+            if batch.dtype == torch.uint8:
+                x = preprocess(batch, info, device=device, memory_format=torch.channels_last)
+            else:
+                x = batch.to(device, non_blocking=True).contiguous(
+                    memory_format=torch.channels_last
+                )
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
                 y = model(x)
             yield start, y.float().cpu().numpy()
@@ -386,6 +396,11 @@ def extract_store(
             bar.update(len(feats))
         w.commit()
     return out
+
+
+def _cpu_preprocess(t: torch.Tensor, info: EncoderInfo) -> torch.Tensor:
+    with torch.inference_mode():
+        return preprocess(t, info, memory_format=torch.channels_last)
 
 
 def inspect_existing(final: Path, info: EncoderInfo, digest: str, n: int, dtype: str) -> str:
