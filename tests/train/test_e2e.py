@@ -120,6 +120,22 @@ def test_train_e2e_outputs_and_encoder_export(work, tmp_path: Path) -> None:
     assert fb.features.shape == (GRID * GRID, 16) and fb.coords.shape == (GRID * GRID, 2)
     np.testing.assert_allclose(fb.features, ref, rtol=1e-4, atol=1e-5)
     assert fb.attrs["patch_size_level0"] == P and fb.level0_size == (GRID * P, GRID * P)
+    # `wsi-mil extract --weights R/encoder.pt` builds a cache with the same features
+    from wsi_mil.config import ExtractConfig
+    from wsi_mil.features.extract import extract_slides
+    from wsi_mil.features.feature_store import open_features
+
+    res = extract_slides(
+        ExtractConfig(
+            work=w, weights=run / "encoder.pt", features=tmp_path / "feats", device="cpu", workers=1
+        ),
+        entries[:2],
+        progress=False,
+    )
+    torch.set_num_threads(1)
+    assert res.exit_code == 0
+    cached = open_features(tmp_path / "feats" / "s1.h5")
+    np.testing.assert_allclose(cached.features, fb.features, rtol=1e-4, atol=1e-5)
 
 
 def test_frozen_encoder_epochs_and_encoder_lr(work, tmp_path: Path) -> None:

@@ -21,10 +21,12 @@ calibrated once on training patches when the encoder is untrained; ``groupnorm``
 (random dihedral flips/rotations + per-channel affine colour jitter, replayed in pass 2).
 On CUDA: bf16 autocast and channels_last.
 
-Outputs in ``R/``: ``config.yaml``, ``checkpoints/last.pt`` + ``best.pt`` (head under ``model`` /
-``model_config`` as in cached runs, encoder under ``encoder_state``), ``metrics.csv``,
-``encoder.pt`` (``{"encoder", "kwargs", "state_dict"}`` of the best epoch; usable with
-``wsi-mil extract --weights``).
+Outputs in ``R/`` (through :class:`wsi_mil.train.loop.Trainer`, as cached runs): ``config.yaml``
+(``mode: e2e``), ``splits.csv``, ``checkpoints/last.pt`` + ``best.pt`` (head under ``model`` /
+``model_config``, encoder state under ``extra["encoder"]``; ``torch.load(weights_only=True)``),
+``metrics.csv``, ``plots/training.png`` and ``encoder.pt`` (``{"encoder", "kwargs",
+"state_dict"}`` of the best epoch, usable with ``wsi-mil extract --weights``).
+A run killed at any point resumes with ``--resume`` from the last finished epoch.
 """
 
 from __future__ import annotations
