@@ -87,6 +87,7 @@ def test_stops_at_first_stage_exiting_2(cli, workdir):
     assert not (workdir / "work" / "features").exists()
 
 
+@pytest.mark.slow
 def test_exit_1_continues_and_is_the_final_code(cli, workdir):
     """A corrupt slide fails in tile (exit 1); extract/train/predict still run; run exits 1."""
     table = workdir / "slides" / "slides.csv"
