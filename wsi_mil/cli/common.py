@@ -130,7 +130,9 @@ def not_implemented(name: str) -> F:
     def body(**_: Any) -> None:
         from wsi_mil.errors import NotImplementedYet
 
-        raise NotImplementedYet(f"'wsi-mil {name}' is not implemented yet", "see the README's status table")
+        raise NotImplementedYet(
+            f"'wsi-mil {name}' is not implemented yet", "see the README's status table"
+        )
 
     return body
 
@@ -150,3 +152,28 @@ def wraps_command(f: F) -> F:
         return f(*a, **kw)
 
     return inner
+
+
+def run_slide_stage(
+    config_cls: type,
+    stage_fn: Callable[..., Any],
+    slides_csv: str | None,
+    slide_paths: tuple[str, ...],
+    shard: str | None,
+    backend: str,
+    kw: dict[str, Any],
+) -> None:
+    """Body shared by the per-slide commands: slide table -> config -> stage -> exit code."""
+    from pathlib import Path
+
+    from wsi_mil.batch import parse_shard
+    from wsi_mil.slides import read_slide_table
+
+    entries = read_slide_table(slides_csv, slide_paths)
+    cfg = config_cls(
+        **{**kw, "work": Path(kw["work"]), "backend": None if backend == "auto" else backend}
+    )
+    result = stage_fn(
+        cfg, entries, parse_shard(shard), progress=progress_enabled(), debug=debug_enabled()
+    )
+    finish_batch(result)

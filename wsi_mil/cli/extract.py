@@ -10,9 +10,7 @@ import click
 from wsi_mil.cli.common import (
     backend_option,
     config_option,
-    debug_enabled,
-    finish_batch,
-    progress_enabled,
+    run_slide_stage,
     shard_option,
     slide_inputs,
     work_option,
@@ -123,16 +121,7 @@ from wsi_mil.cli.common import (
 def command(
     slide_paths: tuple[str, ...], slides_csv: str | None, shard: str | None, backend: str, **kw: Any
 ) -> None:
-    from wsi_mil.batch import parse_shard
     from wsi_mil.config import ExtractConfig
     from wsi_mil.features import extract_slides
-    from wsi_mil.slides import read_slide_table
 
-    entries = read_slide_table(slides_csv, slide_paths)
-    cfg = ExtractConfig(
-        **{**kw, "work": Path(kw["work"]), "backend": None if backend == "auto" else backend}
-    )
-    result = extract_slides(
-        cfg, entries, parse_shard(shard), progress=progress_enabled(), debug=debug_enabled()
-    )
-    finish_batch(result)
+    run_slide_stage(ExtractConfig, extract_slides, slides_csv, slide_paths, shard, backend, kw)

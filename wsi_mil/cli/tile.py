@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import click
@@ -10,9 +9,7 @@ import click
 from wsi_mil.cli.common import (
     backend_option,
     config_option,
-    debug_enabled,
-    finish_batch,
-    progress_enabled,
+    run_slide_stage,
     shard_option,
     slide_inputs,
     work_option,
@@ -139,16 +136,7 @@ from wsi_mil.cli.common import (
 def command(
     slide_paths: tuple[str, ...], slides_csv: str | None, shard: str | None, backend: str, **kw: Any
 ) -> None:
-    from wsi_mil.batch import parse_shard
     from wsi_mil.config import TileConfig
-    from wsi_mil.slides import read_slide_table
     from wsi_mil.tiling import tile_slides
 
-    entries = read_slide_table(slides_csv, slide_paths)
-    cfg = TileConfig(
-        **{**kw, "work": Path(kw["work"]), "backend": None if backend == "auto" else backend}
-    )
-    result = tile_slides(
-        cfg, entries, parse_shard(shard), progress=progress_enabled(), debug=debug_enabled()
-    )
-    finish_batch(result)
+    run_slide_stage(TileConfig, tile_slides, slides_csv, slide_paths, shard, backend, kw)
