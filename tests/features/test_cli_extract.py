@@ -68,6 +68,33 @@ def test_cli_exit_codes_and_failures(tmp_path, fx, cli):
     assert "1 up to date" in r.stderr
 
 
+def _freeze_inside_a_slide(
+    proc: subprocess.Popen, feat_root: Path, ids: list[str], timeout_s: float = 120
+) -> str:
+    """SIGSTOP ``proc`` while one of ``ids`` is half written; returns that slide id.
+
+    Deterministic, whatever the machine's speed: the process is frozen first, then the
+    state is checked (its temp file exists, its final file does not). If the slide
+    finished between our look and the stop, the process resumes and we try the next one.
+    """
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and proc.poll() is None:
+        for sid in ids:
+            if not list(feat_root.glob(f"*/.{sid}.h5.tmp-*")):
+                continue
+            os.kill(proc.pid, signal.SIGSTOP)
+            _, status = os.waitpid(proc.pid, os.WUNTRACED)  # returns once it is stopped
+            if not os.WIFSTOPPED(status):
+                proc.returncode = os.waitstatus_to_exitcode(status)
+                raise AssertionError(f"extract exited ({proc.returncode}) before it was stopped")
+            tmps = list(feat_root.glob(f"*/.{sid}.h5.tmp-*"))
+            if tmps and not list(feat_root.glob(f"*/{sid}.h5")):
+                return sid
+            os.kill(proc.pid, signal.SIGCONT)  # lost the race: that slide just finished
+        time.sleep(0.002)
+    raise AssertionError("extract finished (or never started s1/s2) before it could be stopped")
+
+
 @pytest.mark.slow  # ~8 s idle, ~30 s on a loaded 2-core machine (three CLI runs)
 def test_sigkill_during_a_slide_then_rerun_completes_identically(tmp_path, fx):
     work = tmp_path / "W"
@@ -93,28 +120,24 @@ def test_sigkill_during_a_slide_then_rerun_completes_identically(tmp_path, fx):
         "16",
     ]
     env = {**os.environ, "HDF5_USE_FILE_LOCKING": "FALSE"}
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     feat_root = work / "features"
-    deadline = time.time() + 120
-    tmp_seen = []
-    while time.time() < deadline and proc.poll() is None:
-        tmp_seen = list(feat_root.glob("*/.s1.h5.tmp-*")) if feat_root.exists() else []
-        if tmp_seen:
-            break
-        time.sleep(0.005)
-    assert tmp_seen, "the run finished (or never started slide s1) before it could be killed"
-    time.sleep(0.3)  # well inside slide s1
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
+    try:
+        killed = _freeze_inside_a_slide(proc, feat_root, ids[1:])
+    finally:
+        proc.kill()  # SIGKILL, which also ends a stopped process
+        proc.wait(timeout=30)
+    n_before = ids.index(killed)
     (tag_dir,) = feat_root.iterdir()
-    assert (tag_dir / "s0.h5").is_file()
-    assert not (tag_dir / "s1.h5").exists(), "a killed slide must not look complete"
-    assert not (tag_dir / "s2.h5").exists()
-    assert list(tag_dir.glob(".s1.h5.tmp-*")), "expected the killed run's temp file"
+    for sid in ids[:n_before]:
+        assert (tag_dir / f"{sid}.h5").is_file()
+    for sid in ids[n_before:]:
+        assert not (tag_dir / f"{sid}.h5").exists(), f"killed in {killed}: {sid} looks complete"
+    assert list(tag_dir.glob(f".{killed}.h5.tmp-*")), "expected the killed run's temp file"
 
     r = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert "2 done, 1 up to date" in r.stderr
+    assert f"{len(ids) - n_before} done, {n_before} up to date" in r.stderr
     assert not list(tag_dir.glob(".*.tmp-*")), "temp files of the killed run are cleaned up"
     after_kill = _read_all(tag_dir)
 
