@@ -66,8 +66,8 @@ def main() -> None:
     )
     ap.add_argument("--config", default=str(ROOT / "configs" / "e2e-small.yaml"))
     ap.add_argument("--out", default="e2e-synthetic", help="working folder (slides, stores, run)")
-    ap.add_argument("--n-train", type=int, default=48, help="training + validation slides (80/20)")
-    ap.add_argument("--n-heldout", type=int, default=24, help="held-out slides")
+    ap.add_argument("--n-train", type=int, default=200, help="training + validation slides (80/20)")
+    ap.add_argument("--n-heldout", type=int, default=60, help="held-out slides")
     ap.add_argument("--heldout-seed", type=int, default=1)
     ap.add_argument(
         "--threads",

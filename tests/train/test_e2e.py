@@ -20,6 +20,7 @@ from wsi_mil.train.e2e import (
     augment_patches,
     encode_bags,
     sample_indices,
+    standardise_output_layer,
     train_e2e,
 )
 
@@ -152,12 +153,29 @@ def test_frozen_encoder_epochs_and_encoder_lr(work, tmp_path: Path) -> None:
         )
         return encoder_params(create_encoder(weights=run / "encoder.pt"))
 
+    # the data-dependent init (BN calibration + standardised output layer) changes only fc
     frozen = trained_params(freeze_encoder_epochs=1)
-    assert all(torch.equal(frozen[k], init[k]) for k in init)
+    assert all(torch.equal(frozen[k], init[k]) for k in init if not k.startswith("fc."))
+    assert not torch.equal(frozen["fc.weight"], init["fc.weight"])
     zero_lr = trained_params(encoder_lr=0.0)
-    assert all(torch.equal(zero_lr[k], init[k]) for k in init)
+    assert all(torch.equal(zero_lr[k], frozen[k]) for k in init)
     moved = trained_params(encoder_lr=1e-3)
-    assert any(not torch.equal(moved[k], init[k]) for k in init)
+    assert any(not torch.equal(moved[k], frozen[k]) for k in init if not k.startswith("fc."))
+
+
+def test_standardise_output_layer_gives_unit_features() -> None:
+    torch.manual_seed(0)
+    enc = create_encoder("resnet-patch-cnn", feature_dim=16, seed=0, widths=(8, 16, 32)).eval()
+    batches = [torch.randn(24, 3, 32, 32) * 0.5 + 0.3 for _ in range(3)]
+    with torch.no_grad():
+        before = torch.cat([enc(x) for x in batches])
+    assert standardise_output_layer(enc, iter(batches))
+    with torch.no_grad():
+        after = torch.cat([enc(x) for x in batches])
+    torch.testing.assert_close(after.mean(0), torch.zeros(16), atol=1e-4, rtol=0)
+    torch.testing.assert_close(after.std(0), torch.ones(16), atol=1e-4, rtol=0)
+    # a per-feature affine map of the old features: correlations are unchanged
+    torch.testing.assert_close(torch.corrcoef(after.T), torch.corrcoef(before.T), atol=1e-4, rtol=0)
 
 
 def test_groupnorm_and_patch_sampling(work, tmp_path: Path) -> None:

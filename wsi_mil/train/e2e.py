@@ -294,6 +294,32 @@ def calibrate_batchnorm(encoder: nn.Module, batches: Iterator[torch.Tensor]) -> 
     return n
 
 
+def standardise_output_layer(encoder: nn.Module, batches: Iterator[torch.Tensor]) -> bool:
+    """Fold a per-feature standardisation into the encoder's last ``nn.Linear`` (in place).
+
+    Features ``f = W x + b`` over ``batches`` get mean ``m`` and std ``s`` per output dim;
+    ``W <- W / s``, ``b <- (b - m) / s`` makes them mean 0, std 1 on that sample (a
+    data-dependent init, as in LSUV). Returns False (and changes nothing) when the encoder
+    has no linear output layer.
+    """
+    fc = getattr(encoder, "fc", None)
+    if not isinstance(fc, nn.Linear):
+        return False
+    was_training = encoder.training
+    encoder.eval()
+    with torch.no_grad():
+        feats = torch.cat([encoder(x).float() for x in batches])
+        if feats.shape[0] < 2:
+            encoder.train(was_training)
+            return False
+        m, s = feats.mean(0), feats.std(0).clamp_min(1e-6)
+        fc.weight.div_(s[:, None].to(fc.weight.dtype))
+        if fc.bias is not None:
+            fc.bias.sub_(m.to(fc.bias.dtype)).div_(s.to(fc.bias.dtype))
+    encoder.train(was_training)
+    return True
+
+
 def device_settings(device: torch.device) -> tuple[torch.dtype | None, bool]:
     """(autocast dtype, channels_last): bf16 + channels_last on CUDA, exact float32 on CPU."""
     return (torch.bfloat16, True) if device.type == "cuda" else (None, False)
@@ -459,28 +485,41 @@ class E2ETrainer(Trainer):
         self.encoder.load_state_dict(state["encoder"])
 
     def calibrate_if_needed(self) -> None:
-        """Untrained BN encoder: give its frozen statistics real values from training patches."""
-        if not has_batchnorm(self.encoder) or self.enc_info.trained or self.epoch > 0:
+        """Untrained encoder: data-dependent initialisation from a sample of training patches.
+
+        BatchNorm layers get real frozen statistics (:func:`calibrate_batchnorm`), then the
+        final linear layer is rescaled so each output feature has mean 0 and std 1 over the
+        sample (:func:`standardise_output_layer`). Without the second step a random encoder's
+        features barely vary between patches (per-dim std ~0.07 here), so the head needs
+        hundreds of epochs before its logits leave 0 and the loss stays at ln 2.
+        """
+        if self.enc_info.trained or self.epoch > 0:
             return
         rng = np.random.default_rng([self.cfg.seed, 11])
         per_bag = max(1, 512 // max(1, len(self.train_bags)))
         prep, cs = self._prepare(False), self.cfg.chunk_size
+        sample: list[tuple[PatchBag, np.ndarray]] = []
+        for i in rng.permutation(len(self.train_bags)):
+            bag = self.train_bags[int(i)]
+            idx = np.sort(rng.choice(len(bag), size=min(per_bag, len(bag)), replace=False))
+            sample.append((bag, idx))
 
         def batches() -> Iterator[torch.Tensor]:
-            for i in rng.permutation(len(self.train_bags)):
-                bag = self.train_bags[int(i)]
-                idx = np.sort(rng.choice(len(bag), size=min(per_bag, len(bag)), replace=False))
+            for bag, idx in sample:
                 r = BagReader(bag.store, idx, backend=self.cfg.backend)
                 try:
                     for s in range(0, len(r), cs):
-                        yield prep(r(s, min(s + cs, len(r))))
+                        yield prep(r(s, min(s + cs, len(r)))).to(self.device)
                 finally:
                     r.close()
 
-        n = calibrate_batchnorm(self.encoder, batches())
-        log.info(
-            "calibrated the BatchNorm statistics of the untrained encoder on %d training patches", n
-        )
+        if has_batchnorm(self.encoder):
+            n = calibrate_batchnorm(self.encoder, batches())
+            log.info(
+                "calibrated the BatchNorm statistics of the untrained encoder on %d patches", n
+            )
+        if standardise_output_layer(self.encoder, batches()):
+            log.info("standardised the untrained encoder's output features (mean 0, std 1)")
 
     def fit(self) -> Path:
         run = super().fit()
