@@ -10,7 +10,9 @@ from wsi_mil.errors import ConfigError
 
 def test_sections_and_normalised_keys(tmp_path):
     p = tmp_path / "c.yaml"
-    p.write_text("work: W\npatch-size: 128\ntile:\n  min-tissue: 0.3\n  patch_size: 96\ntrain:\n  epochs: 3\n")
+    p.write_text(
+        "work: W\npatch-size: 128\ntile:\n  min-tissue: 0.3\n  patch_size: 96\ntrain:\n  epochs: 3\n"
+    )
     assert load_config_file(p, "tile") == {"work": "W", "patch_size": 96, "min_tissue": 0.3}
     assert load_config_file(p, "train") == {"work": "W", "patch_size": 128, "epochs": 3}
 
@@ -30,3 +32,53 @@ def test_from_dict_rejects_unknown_keys():
     with pytest.raises(ConfigError, match="patch_sise"):
         from_dict(TileConfig, {"patch_sise": 64})
     assert SynthConfig().seed == 0
+
+
+def test_top_level_scalar_named_like_a_command_is_an_option(tmp_path):
+    # "run" is both a command (its section) and the --run option of train/predict/heatmap
+    p = tmp_path / "c.yaml"
+    p.write_text("work: W\nrun: out/run\ntrain:\n  epochs: 2\n")
+    assert load_config_file(p, "train") == {"work": "W", "run": "out/run", "epochs": 2}
+    assert load_config_file(p, "predict") == {"work": "W", "run": "out/run"}
+    assert load_config_file(p, "run") == {"work": "W", "run": "out/run"}
+    # a section of the command still wins over the top-level value
+    p.write_text("run: out/run\nheatmap:\n  run: out/other\n")
+    assert load_config_file(p, "heatmap") == {"run": "out/other"}
+    assert load_config_file(p, "predict") == {"run": "out/run"}
+
+
+def test_command_named_key_holding_a_mapping_is_a_section(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("work: W\nrun:\n  stages: train,predict\ntrain:\n  run: R\nsynth:\n")
+    assert load_config_file(p, "run") == {"work": "W", "stages": "train,predict"}
+    assert load_config_file(p, "train") == {"work": "W", "run": "R"}
+    assert load_config_file(p, "predict") == {"work": "W"}  # no section key leaks as an option
+    assert load_config_file(p, "synth") == {"work": "W"}  # an empty section is a section
+
+
+def test_shipped_configs_still_load(tmp_path):
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+    assert configs
+    for c in configs:
+        train = load_config_file(c, "train")
+        assert isinstance(train.get("run"), str), c  # each sets train's run folder
+        assert "train" not in train and "tile" not in train and "synth" not in train
+
+
+def test_cli_top_level_run_sets_the_run_folder(tmp_path, cli):
+    (tmp_path / "slides.csv").write_text("slide_id,path\na,\n")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("work: W\nrun: R/top\nslides: slides.csv\n")
+    r = cli("run", "--config", str(cfg), "--dry-run", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout + r.stderr
+    for stage in ("train", "predict", "heatmap"):
+        (line,) = [ln for ln in out.splitlines() if ln.startswith(f"[run] {stage} ")]
+        assert "R/top/" in line and "runs/default" not in line, line
+    # the real commands read it too: they look for their run in R/top
+    for cmd in ("predict", "heatmap"):
+        r = cli(cmd, "--config", str(cfg), cwd=tmp_path)
+        assert r.returncode == 2 and "Traceback" not in r.stderr
+        assert "R/top" in r.stderr and "runs/default" not in r.stderr, r.stderr

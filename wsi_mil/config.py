@@ -23,9 +23,12 @@ COMMANDS = ("synth", "info", "tile", "extract", "train", "predict", "heatmap", "
 
 
 def load_config_file(path: str | os.PathLike, command: str) -> dict[str, Any]:
-    """Keys for ``command`` from a YAML file: top-level scalars/lists + the ``command`` section.
+    """Keys for ``command`` from a YAML file: top-level option values + the ``command`` section.
 
-    Keys are returned in click's parameter style (``patch-size`` -> ``patch_size``).
+    A top-level key named after a command is that command's section only when its value is
+    a mapping (or empty); otherwise it is an option value like any other top-level key
+    (``run: out/run`` sets ``--run`` of train/predict/heatmap). Keys are returned in click's
+    parameter style (``patch-size`` -> ``patch_size``); section keys win over top-level ones.
     """
     p = Path(path)
     if not p.is_file():
@@ -38,15 +41,18 @@ def load_config_file(path: str | os.PathLike, command: str) -> dict[str, Any]:
         raise ConfigError(f"config file {p} must be a mapping of option names to values")
     out: dict[str, Any] = {}
     for k, v in data.items():
-        if k in COMMANDS:
-            continue
-        out[_norm(k)] = v
-    section = data.get(command) or {}
-    if not isinstance(section, dict):
-        raise ConfigError(f"{p}: section '{command}' must be a mapping")
-    for k, v in section.items():
-        out[_norm(k)] = v
+        if not _is_section(k, v):
+            out[_norm(k)] = v
+    section = data.get(command)
+    if _is_section(command, section) and section:
+        for k, v in section.items():
+            out[_norm(k)] = v
     return out
+
+
+def _is_section(key: Any, value: Any) -> bool:
+    """A per-command section: a command's name holding a mapping (or nothing)."""
+    return key in COMMANDS and (value is None or isinstance(value, dict))
 
 
 def load_full_config(path: str | os.PathLike) -> dict[str, Any]:
