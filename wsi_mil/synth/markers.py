@@ -11,6 +11,7 @@ from wsi_mil.errors import ConfigError
 from wsi_mil.synth.render import COLOURS, SHAPES, Marker, SlideSpec, tissue_mask
 
 _TRIES = 400  # placement attempts per marker
+_REDRAWS = 20  # new random shapes/sizes tried for a marker that fits nowhere
 _MAP_PX = 512  # longest side of the coarse tissue map candidates are drawn from
 
 
@@ -100,6 +101,43 @@ def _overlaps(bb: tuple[int, int, int, int], others: list[Marker], gap: int = 4)
     return False
 
 
+def _find_place(
+    spec: SlideSpec,
+    proto: Marker,
+    placed: list[Marker],
+    cand: np.ndarray | None,
+    d: int,
+    rng: np.random.Generator,
+) -> Marker | None:
+    """``proto`` moved to a random valid centre (on tissue when ``cand``), or None.
+
+    Prefers a centre whose bbox keeps clear of ``placed``; accepts an overlap only after
+    half of the tries failed.
+    """
+    W, H = spec.width_px, spec.height_px
+    best: Marker | None = None
+    hx = (proto.bbox[2] - proto.bbox[0]) / 2 + 1
+    hy = (proto.bbox[3] - proto.bbox[1]) / 2 + 1
+    for attempt in range(_TRIES):
+        if cand is not None:
+            cx, cy = cand[int(rng.integers(len(cand)))] + rng.uniform(-d / 2, d / 2, size=2)
+        else:
+            cx, cy = rng.uniform(0, W), rng.uniform(0, H)
+        if not (hx <= cx <= W - hx and hy <= cy <= H - hy):
+            continue
+        m = _at(proto, float(cx), float(cy))
+        x0, y0, x1, y1 = m.bbox
+        if x0 < 0 or y0 < 0 or x1 > W or y1 > H:
+            continue
+        if cand is not None and not _inside_tissue(spec, m):
+            continue
+        if _overlaps(m.bbox, placed) and attempt < _TRIES // 2:
+            best = best or m
+            continue
+        return m
+    return best
+
+
 def place_markers(
     spec: SlideSpec, n: int, cfg: SynthConfig, rng: np.random.Generator
 ) -> tuple[Marker, ...]:
@@ -110,6 +148,7 @@ def place_markers(
     """
     W, H = spec.width_px, spec.height_px
     cand: np.ndarray | None = None
+    d = 1  # px per coarse tissue-map cell
     if spec.background == "tissue":
         d = max(1, math.ceil(max(W, H) / _MAP_PX))
         coarse = tissue_mask(spec, 0, 0, math.ceil(W / d), math.ceil(H / d), d)
@@ -122,36 +161,22 @@ def place_markers(
             )
     placed: list[Marker] = []
     for _ in range(n):
-        proto = _random_marker(rng, cfg)
         best: Marker | None = None
-        for attempt in range(_TRIES):
-            hx = (proto.bbox[2] - proto.bbox[0]) / 2 + 1
-            hy = (proto.bbox[3] - proto.bbox[1]) / 2 + 1
-            if cand is not None:
-                cx, cy = cand[int(rng.integers(len(cand)))] + rng.uniform(-d / 2, d / 2, size=2)
-            else:
-                cx, cy = rng.uniform(0, W), rng.uniform(0, H)
-            if not (hx <= cx <= W - hx and hy <= cy <= H - hy):
-                continue
-            m = _at(proto, float(cx), float(cy))
-            x0, y0, x1, y1 = m.bbox
-            if x0 < 0 or y0 < 0 or x1 > W or y1 > H:
-                continue
-            if cand is not None and not _inside_tissue(spec, m):
-                continue
-            if _overlaps(m.bbox, placed) and attempt < _TRIES // 2:
-                best = best or m
-                continue
-            best = m
-            break
-        else:
-            if best is None:
-                raise ConfigError(
-                    f"slide {spec.slide_id}: cannot place a {proto.shape} of "
-                    f"{proto.bbox[2] - proto.bbox[0]} px fully inside "
-                    + ("tissue" if cand is not None else "the slide"),
-                    "lower --marker-size-max, make the slide bigger, or try another --seed",
-                )
+        for _redraw in range(_REDRAWS):
+            # a marker that fits nowhere (tissue too thin for its size) is redrawn with a new
+            # random shape and size before giving up
+            proto = _random_marker(rng, cfg)
+            best = _find_place(spec, proto, placed, cand, d, rng)
+            if best is not None:
+                break
+        if best is None:
+            raise ConfigError(
+                f"slide {spec.slide_id}: cannot place a {proto.shape} of "
+                f"{proto.bbox[2] - proto.bbox[0]} px fully inside "
+                + ("tissue" if cand is not None else "the slide")
+                + f" ({_REDRAWS} random shapes and sizes tried)",
+                "lower --marker-size-max, make the slide bigger, or try another --seed",
+            )
         placed.append(best)
     return tuple(placed)
 
