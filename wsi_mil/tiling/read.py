@@ -14,7 +14,7 @@ coords-only stores and as the reference in tests.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -137,6 +137,7 @@ def iter_patch_chunks(
     chunk_patches: int,
     pool: ThreadPoolExecutor,
     max_blocks_ahead: int | None = None,
+    get_buffer: Callable[[int], np.ndarray] | None = None,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Yield ``(start, pixels)`` for consecutive chunks of ``chunk_patches`` patches, in order.
 
@@ -145,6 +146,10 @@ def iter_patch_chunks(
     white past the image edge; equal to :func:`read_patches_from_slide` of the same patches.
     Blocks are decoded in ``pool``, at most ``max_blocks_ahead`` (default 8 per pool thread)
     beyond the chunk being cut.
+
+    ``get_buffer(n)``: returns an (n, patch_px, patch_px, 3) uint8 array (any content) to cut
+    the next chunk into, so a caller can recycle a few buffers instead of touching fresh
+    memory for every chunk; default: a new array per chunk.
     """
     xy = np.asarray(level_xy, np.int64).reshape(-1, 2)
     n = len(xy)
@@ -166,6 +171,18 @@ def iter_patch_chunks(
     rows_per_patch = -(-patch_px_level // bh) + 1
     max_held = ahead + plan.n_cols * rows_per_patch
 
+    inside = (
+        (xy[:, 0] >= 0)
+        & (xy[:, 1] >= 0)
+        & (xy[:, 0] + patch_px_level <= lw)
+        & (xy[:, 1] + patch_px_level <= lh)
+    )
+    scratch = (
+        np.empty((patch_px_level, patch_px_level, 3), np.uint8)
+        if patch_px_level != patch_px
+        else None
+    )
+
     def read_block(key: int) -> np.ndarray:
         bx, by = plan.origin(key)
         return slide.read_level_region(level, bx, by, bw, bh)
@@ -183,16 +200,15 @@ def iter_patch_chunks(
                         blocks[k] = pool.submit(read_block, k)
                 next_chunk += 1
             e = min(s + chunk_patches, n)
-            out = np.full((e - s, patch_px, patch_px, 3), PAD_VALUE, np.uint8)
-            scratch = (
-                np.empty((patch_px_level, patch_px_level, 3), np.uint8)
-                if patch_px_level != patch_px
-                else None
+            out = (
+                get_buffer(e - s)
+                if get_buffer is not None
+                else np.empty((e - s, patch_px, patch_px, 3), np.uint8)
             )
             for i in range(s, e):
                 dst = scratch if scratch is not None else out[i - s]
-                if scratch is not None:
-                    scratch.fill(PAD_VALUE)
+                if not inside[i]:  # only patches that cross the image edge need padding
+                    dst.fill(PAD_VALUE)
                 _cut(dst, xy[i], patch_px_level, plan, blocks, i, lw, lh)
                 if scratch is not None:
                     out[i - s] = resize_rgb(scratch, patch_px)

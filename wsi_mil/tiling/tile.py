@@ -50,6 +50,8 @@ TILING_VERSION = 1
 #: patches per zarr chunk of ``pixels``; writes go in groups of WRITE_CHUNKS chunks
 CHUNK_PATCHES = 64
 WRITE_CHUNKS = 4
+#: cut chunk groups waiting for the writer
+QUEUED = 2
 
 
 def patches_dir(work: str | Path) -> Path:
@@ -313,8 +315,18 @@ def _write_pixels(
 
     own_pool = pool is None
     pool = pool or ThreadPoolExecutor(available_cpus(), thread_name_prefix="tile-read")
-    q: queue.Queue = queue.Queue(maxsize=2)
+    group = CHUNK_PATCHES * WRITE_CHUNKS
+    p = choice.patch_px
+    # a few chunk buffers recycled between cutting and writing: one being cut, QUEUED waiting,
+    # one being written (fresh memory per chunk costs page faults on every chunk)
+    free: queue.Queue = queue.Queue()
+    for _ in range(QUEUED + 2):
+        free.put(np.empty((group, p, p, 3), np.uint8))
+    q: queue.Queue = queue.Queue(maxsize=QUEUED)
     errors: list[BaseException] = []
+
+    def get_buffer(n: int) -> np.ndarray:
+        return free.get()[:n]
 
     def drain() -> None:
         while True:
@@ -326,6 +338,7 @@ def _write_pixels(
                     writer.write_pixels(*item)
                 except BaseException as e:  # noqa: BLE001 - re-raised in the caller
                     errors.append(e)
+            free.put(item[1].base if item[1].base is not None else item[1])
 
     t = threading.Thread(target=drain, name="tile-write", daemon=True)
     t.start()
@@ -337,8 +350,9 @@ def _write_pixels(
             level_xy,
             choice.patch_px_level,
             choice.patch_px,
-            CHUNK_PATCHES * WRITE_CHUNKS,
+            group,
             pool,
+            get_buffer=get_buffer,
         )
         for start, arr in chunks:
             if errors:
@@ -366,9 +380,10 @@ def write_mask_png(
     """QC image: thumbnail, tissue tinted green, outlines of kept patches in blue (atomic write)."""
     from PIL import Image, ImageDraw
 
-    img = thumb.astype(np.float32)
-    img[mask] = img[mask] * 0.7 + np.array([0, 200, 0], np.float32) * 0.3
-    im = Image.fromarray(img.astype(np.uint8))
+    tinted = thumb.astype(np.uint16) * 7
+    tinted[..., 1] += 600
+    tinted //= 10  # 70 % thumbnail + 30 % green
+    im = Image.fromarray(np.where(mask[..., None], tinted.astype(np.uint8), thumb))
     draw = ImageDraw.Draw(im)
     sx, sy = level0_per_thumb_px
     pw, ph = choice.patch_px_level0 / sx, choice.patch_px_level0 / sy
@@ -384,8 +399,12 @@ def write_mask_png(
             sd.rectangle([x / sx, y / sy, x / sx + pw, y / sy + ph], fill=90)
         im = Image.composite(Image.new("RGB", im.size, (30, 60, 220)), im, shade)
     path.parent.mkdir(parents=True, exist_ok=True)
+    import imagecodecs
+
+    # libpng with OpenCV's fast settings (zlib level 1, RLE, SUB filter): ~3x faster than Pillow
+    data = imagecodecs.png_encode(np.asarray(im), level=1, strategy=3, filter=16)
     with atomic_path(path) as tmp:
-        im.save(tmp, format="PNG", compress_level=1)
+        Path(tmp).write_bytes(data)
 
 
 def clam_h5_path(work: str | Path, slide_id: str) -> Path:
