@@ -90,6 +90,64 @@ def test_output_lock_excludes_second_holder(tmp_path):
         assert held
 
 
+def test_output_lock_leaves_no_lock_files(tmp_path):
+    target = tmp_path / "patches" / "a.zarr"
+    with output_lock(target) as held:
+        assert held and (tmp_path / "patches" / "a.zarr.lock").exists()
+    assert list((tmp_path / "patches").iterdir()) == []
+    with pytest.raises(RuntimeError), output_lock(target):
+        raise RuntimeError("slide failed")
+    assert list((tmp_path / "patches").iterdir()) == []
+    # a SIGKILLed holder's lock file is reused, then removed
+    (tmp_path / "patches" / "a.zarr.lock").write_text("")
+    with output_lock(target) as held:
+        assert held
+    assert list((tmp_path / "patches").iterdir()) == []
+    # a hidden .locks folder goes once empty, stays while another output is locked in it
+    locks = tmp_path / "heatmaps" / ".locks"
+    with output_lock(locks / "a.png") as a:
+        with output_lock(locks / "b.png") as b:
+            assert a and b
+        assert [p.name for p in locks.iterdir()] == ["a.png.lock"]
+    assert list((tmp_path / "heatmaps").iterdir()) == []
+
+
+_HAMMER = r"""
+import os, sys, time
+from wsi_mil.batch import output_lock
+target, inside, log, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+for i in range(n):
+    with output_lock(target, blocking=i % 2 == 0) as held:
+        if not held:
+            continue
+        fd = os.open(inside, os.O_CREAT | os.O_EXCL)  # FileExistsError: two holders at once
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()} {i}\n")
+        time.sleep(0.0005)
+        os.close(fd)
+        os.unlink(inside)
+"""
+
+
+def test_output_lock_unlink_on_release_keeps_mutual_exclusion(tmp_path):
+    """Holders unlink the lock file on release; waiters on the old inode must not slip in."""
+    target, inside, log = tmp_path / "out.h5", tmp_path / "inside", tmp_path / "log"
+    n_proc, n_iter = 4, 150
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _HAMMER, str(target), str(inside), str(log), str(n_iter)],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(n_proc)
+    ]
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(errs)
+    n_entries = len(log.read_text().splitlines())
+    assert n_entries >= n_proc * n_iter // 2  # every blocking attempt got the lock
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log"]
+
+
 def test_run_per_slide_records_failures(tmp_path):
     def fn(x: str) -> None:
         if x == "bad":
@@ -101,7 +159,9 @@ def test_run_per_slide_records_failures(tmp_path):
         if x == "empty":
             raise SlideWarning("no tissue found")
 
-    res = run_per_slide("tile", ["a", "bad", "old", "empty", "boom"], fn, tmp_path, slide_id=str, progress=False)
+    res = run_per_slide(
+        "tile", ["a", "bad", "old", "empty", "boom"], fn, tmp_path, slide_id=str, progress=False
+    )
     assert res.done == ["a", "empty"] and res.skipped == ["old"]
     assert set(res.failed) == {"bad", "boom"} and res.exit_code == 1
     assert "no tissue" in res.warnings["empty"]

@@ -184,24 +184,63 @@ def clean_stale_tmp(folder: Path, max_age_s: float = 0) -> None:
 def output_lock(final: str | os.PathLike, blocking: bool = False) -> Iterator[bool]:
     """Advisory lock on ``<final>.lock``; yields True if held, False if another process has it.
 
-    Two processes on the same shard therefore never write the same output at once.
+    Two processes on the same shard therefore never write the same output at once. The
+    lock file is removed when the holder releases it, so finished runs leave no ``*.lock``
+    files (an empty ``.locks`` folder holding it goes too); a SIGKILLed holder leaves one,
+    which the next holder reuses and removes.
     """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = final.with_name(final.name + ".lock")
-    fh = open(lock_path, "a+")
+    lock_path = Path(final).with_name(Path(final).name + ".lock")
+    fd = _acquire_lock_file(lock_path, blocking)
+    if fd is None:
+        yield False
+        return
     try:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+        yield True
     finally:
-        fh.close()
+        _release_lock_file(lock_path, fd)
+
+
+def _acquire_lock_file(lock_path: Path, blocking: bool) -> int | None:
+    """An fd holding ``flock(LOCK_EX)`` on the file now at ``lock_path``; None if taken.
+
+    Race-free with holders that unlink the file on release: after locking, the path must
+    still name the inode we locked; if a releasing holder unlinked it meanwhile, we locked
+    an orphan and start again on a fresh file.
+    """
+    while True:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        except FileNotFoundError:  # the empty .locks folder was just removed: make it again
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            same = os.path.samestat(os.stat(lock_path), os.fstat(fd))
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
+
+
+def _release_lock_file(lock_path: Path, fd: int) -> None:
+    # unlink while still holding the lock: a waiter that then gets the old inode sees it
+    # is no longer at lock_path and retries on a new file
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock_path)
+        if lock_path.parent.name == ".locks":
+            with contextlib.suppress(OSError):  # not empty: another output is locked there
+                lock_path.parent.rmdir()
+    finally:
+        os.close(fd)  # releases the flock
 
 
 # ---------------------------------------------------------------- failures

@@ -51,6 +51,7 @@ def test_cli_exit_codes_and_failures(tmp_path, fx, cli):
     (tag_dir,) = (work / "features").iterdir()
     assert (tag_dir / "a.h5").is_file() and (tag_dir / "encoder.json").is_file()
     assert "nostore" in (work / "failures.csv").read_text()
+    assert not list(work.rglob("*.lock")), "finished runs leave no lock files"
     # bad option values: exit 2, one line
     r = cli(
         "extract", "--slides", str(csv), "--work", str(work), "--weights", str(tmp_path / "none.pt")
@@ -139,6 +140,7 @@ def test_sigkill_during_a_slide_then_rerun_completes_identically(tmp_path, fx):
     assert r.returncode == 0, r.stderr
     assert f"{len(ids) - n_before} done, {n_before} up to date" in r.stderr
     assert not list(tag_dir.glob(".*.tmp-*")), "temp files of the killed run are cleaned up"
+    assert not list(work.rglob("*.lock")), "the killed run's lock file is removed too"
     after_kill = _read_all(tag_dir)
 
     r = subprocess.run(args + ["--overwrite"], env=env, capture_output=True, text=True, timeout=300)
