@@ -34,7 +34,12 @@ from wsi_mil.batch import (
 from wsi_mil.config import TileConfig, save_resolved
 from wsi_mil.errors import ConfigError, SlideError, StoreError
 from wsi_mil.tiling.grid import LevelChoice, choose_level, grid_level_xy, level_to_level0_xy
-from wsi_mil.tiling.patch_store import COMPRESSIONS, PatchStore, PatchStoreWriter
+from wsi_mil.tiling.patch_store import (
+    COMPRESSIONS,
+    PatchStore,
+    PatchStoreWriter,
+    aligned_empty,
+)
 from wsi_mil.tiling.read import iter_patch_chunks
 from wsi_mil.tiling.tissue import (
     TISSUE_METHODS,
@@ -321,12 +326,16 @@ def _write_pixels(
     # one being written (fresh memory per chunk costs page faults on every chunk)
     free: queue.Queue = queue.Queue()
     for _ in range(QUEUED + 2):
-        free.put(np.empty((group, p, p, 3), np.uint8))
+        free.put(aligned_empty((group, p, p, 3)))  # page-aligned: written with O_DIRECT
     q: queue.Queue = queue.Queue(maxsize=QUEUED)
     errors: list[BaseException] = []
 
+    full_size: dict[int, np.ndarray] = {}  # address -> the recycled buffer a chunk was cut into
+
     def get_buffer(n: int) -> np.ndarray:
-        return free.get()[:n]
+        buf = free.get()
+        full_size[buf.ctypes.data] = buf
+        return buf[:n]
 
     def drain() -> None:
         while True:
@@ -338,7 +347,7 @@ def _write_pixels(
                     writer.write_pixels(*item)
                 except BaseException as e:  # noqa: BLE001 - re-raised in the caller
                     errors.append(e)
-            free.put(item[1].base if item[1].base is not None else item[1])
+            free.put(full_size[item[1].ctypes.data])
 
     t = threading.Thread(target=drain, name="tile-write", daemon=True)
     t.start()
