@@ -81,3 +81,26 @@ def test_write_new_file_unaligned_buffer_and_tmpfs(tmp_path):
             assert p.read_bytes() == data.tobytes()
         finally:
             p.unlink(missing_ok=True)
+
+
+def test_aligned_chunks_request_o_direct(tmp_path, monkeypatch):
+    """Page-aligned data is written with O_DIRECT (when available), the tail buffered."""
+    from wsi_mil.tiling import patch_store
+
+    if not patch_store.DIRECT_IO:
+        pytest.skip("no O_DIRECT on this platform (or WSI_MIL_DIRECT_IO=0)")
+    flags: list[int] = []
+    real_open = os.open
+
+    def spy(path, fl, *a):
+        flags.append(fl)
+        return real_open(path, fl, *a)
+
+    monkeypatch.setattr(patch_store.os, "open", spy)
+    data = _payload(2 * IO_ALIGN + 5)
+    write_new_file(tmp_path / "d", data)
+    assert flags and flags[0] & os.O_DIRECT
+    assert (tmp_path / "d").read_bytes() == data.tobytes()
+    flags.clear()
+    write_new_file(tmp_path / "b", data[1:])  # unaligned: plain buffered open
+    assert flags and not flags[0] & os.O_DIRECT

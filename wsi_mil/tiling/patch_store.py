@@ -12,6 +12,7 @@ so a killed run never leaves a store that looks complete.
 
 from __future__ import annotations
 
+import mmap
 import os
 import threading
 from pathlib import Path
@@ -55,15 +56,15 @@ _scratch = threading.local()
 #: allows it): the bytes go from our reused buffers to the disk without a page-cache copy.
 #: Tiling writes GBs per slide that nothing reads back soon, so caching them only evicts
 #: useful pages and costs a copy (on VMs whose fresh pages fault in slowly, as much CPU as
-#: the JPEG decoding). The tail past the last 4 KiB boundary is written buffered.
-DIRECT_IO = hasattr(os, "O_DIRECT")
-IO_ALIGN = 4096
+#: the JPEG decoding). The tail past the last IO_ALIGN boundary is written buffered.
+#: Filesystems that refuse O_DIRECT get buffered writes; WSI_MIL_DIRECT_IO=0 turns it off.
+DIRECT_IO = hasattr(os, "O_DIRECT") and os.environ.get("WSI_MIL_DIRECT_IO", "1") != "0"
+#: alignment of O_DIRECT buffers, lengths and offsets (the page size, e.g. 64 KiB on some ARM)
+IO_ALIGN = max(4096, mmap.PAGESIZE)
 
 
 def aligned_empty(shape: tuple[int, ...]) -> np.ndarray:
     """Uninitialised uint8 array of ``shape`` whose first byte is page-aligned (for O_DIRECT)."""
-    import mmap
-
     n = int(np.prod(shape))
     return np.frombuffer(mmap.mmap(-1, max(n, 1)), np.uint8, count=n).reshape(shape)
 
