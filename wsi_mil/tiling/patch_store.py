@@ -15,6 +15,7 @@ from __future__ import annotations
 import mmap
 import os
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -345,24 +346,44 @@ class PatchStoreWriter:
         own write path. Anything else goes through zarr. Returns when ``arr`` may be reused.
         """
         arr = np.asarray(arr, np.uint8)
-        n_total, cp = len(self.coords), self.pixels.chunks[0]
-        stop = start + len(arr)
-        direct = isinstance(self.compressors, str) and start % cp == 0
-        if not direct or (stop % cp and stop != n_total):
-            self.pixels[start:stop] = arr
+        cp = self.pixels.chunks[0]
+        if not self._direct(start, len(arr)):
+            self.pixels[start : start + len(arr)] = arr
             return
-        if self._encoder is None:
-            from concurrent.futures import ThreadPoolExecutor
+        jobs = [self.write_chunk_async(start + k, arr[k : k + cp]) for k in range(0, len(arr), cp)]
+        for j in jobs:
+            j.result()
 
+    def write_chunk_async(self, start: int, arr: np.ndarray) -> Future:
+        """Encode and write ONE chunk (rows [start, start + n), ``start`` chunk-aligned, n = the
+        chunk size or the rows left) in the writer's thread pool. ``arr`` must stay unchanged
+        until the returned future is done; its ``result()`` raises what the write raised.
+        """
+        arr = np.asarray(arr, np.uint8)
+        cp, n_total = self.pixels.chunks[0], len(self.coords)
+        if len(arr) != min(cp, n_total - start) or not self._direct(start, len(arr)):
+            done: Future = Future()
+            try:
+                self.write_pixels(start, arr)
+                done.set_result(None)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller via the future
+                done.set_exception(e)
+            return done
+        if self._encoder is None:
             from wsi_mil.batch import available_cpus
 
             self._encoder = ThreadPoolExecutor(available_cpus(), thread_name_prefix="store-encode")
-        jobs = [
-            self._encoder.submit(self._write_chunk, (start + k) // cp, arr[k : k + cp])
-            for k in range(0, len(arr), cp)
-        ]
-        for j in jobs:
-            j.result()
+        return self._encoder.submit(self._write_chunk, start // cp, arr)
+
+    def _direct(self, start: int, n: int) -> bool:
+        """Whether rows [start, start + n) can be written as whole chunk files by us."""
+        cp, n_total = self.pixels.chunks[0], len(self.coords)
+        stop = start + n
+        return (
+            isinstance(self.compressors, str)
+            and start % cp == 0
+            and (stop % cp == 0 or stop == n_total)
+        )
 
     def _write_chunk(self, index: int, block: np.ndarray) -> None:
         cp = self.pixels.chunks[0]

@@ -9,11 +9,11 @@ read tile-aligned, see :mod:`wsi_mil.tiling.read`), renamed into place when comp
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
-import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -52,11 +52,8 @@ log = logging.getLogger(__name__)
 
 #: bump when a change in the algorithm changes the stores for the same parameters
 TILING_VERSION = 1
-#: patches per zarr chunk of ``pixels``; writes go in groups of WRITE_CHUNKS chunks
+#: patches per zarr chunk of ``pixels`` (each written as one file, in parallel)
 CHUNK_PATCHES = 64
-WRITE_CHUNKS = 4
-#: cut chunk groups waiting for the writer
-QUEUED = 2
 
 
 def patches_dir(work: str | Path) -> Path:
@@ -247,21 +244,31 @@ def _build_store(
         tissue = patch_tissue_fraction(mask, scale, level0_xy, choice.patch_px_level0)
         keep = tissue >= cfg.min_tissue
     level_xy, level0_xy, tissue = level_xy[keep], level0_xy[keep], tissue[keep]
-    write_mask_png(masks_dir(cfg.work) / f"{sid}.png", thumb, mask, level0_xy, choice, scale)
-
     attrs = _store_attrs(cfg, sid, path, slide, choice, fingerprint, digest, thumb.shape)
-    with PatchStoreWriter(
-        final,
-        level0_xy,
-        attrs,
-        pixels=cfg.pixels,
-        chunk_patches=CHUNK_PATCHES,
-        compressors=cfg.compression,
-        tissue=tissue,
-    ) as writer:
-        if cfg.pixels and len(level_xy):
-            _write_pixels(writer, slide, choice, level_xy, pool, progress, sid)
-        writer.commit()
+    # the QC PNG (serial numpy + zlib work) is drawn while the pixels are read and written
+    with ThreadPoolExecutor(1, thread_name_prefix="tile-qc") as qc:
+        png = qc.submit(
+            write_mask_png,
+            masks_dir(cfg.work) / f"{sid}.png",
+            thumb,
+            mask,
+            level0_xy,
+            choice,
+            scale,
+        )
+        with PatchStoreWriter(
+            final,
+            level0_xy,
+            attrs,
+            pixels=cfg.pixels,
+            chunk_patches=CHUNK_PATCHES,
+            compressors=cfg.compression,
+            tissue=tissue,
+        ) as writer:
+            if cfg.pixels and len(level_xy):
+                _write_pixels(writer, slide, choice, level_xy, pool, progress, sid)
+            png.result()  # a slide is done when its QC image is written too
+            writer.commit()
     return len(level0_xy)
 
 
@@ -315,42 +322,27 @@ def _write_pixels(
     progress: bool,
     sid: str,
 ) -> None:
-    """Cut patches tile-aligned in ``pool`` and write them, chunk-aligned, from a writer thread."""
+    """Cut patches tile-aligned (blocks decoded in ``pool``) and hand each chunk to the writer's
+    encode + write pool as soon as it is cut."""
     from tqdm.auto import tqdm
 
     own_pool = pool is None
     pool = pool or ThreadPoolExecutor(available_cpus(), thread_name_prefix="tile-read")
-    group = CHUNK_PATCHES * WRITE_CHUNKS
     p = choice.patch_px
-    # a few chunk buffers recycled between cutting and writing: one being cut, QUEUED waiting,
-    # one being written (fresh memory per chunk costs page faults on every chunk)
+    # chunk buffers recycled between cutting (this thread) and encoding + writing (the
+    # writer's pool): fresh memory for every chunk would cost page faults on every chunk.
+    # Page-aligned, so chunk files can be written with O_DIRECT straight from them.
     free: queue.Queue = queue.Queue()
-    for _ in range(QUEUED + 2):
-        free.put(aligned_empty((group, p, p, 3)))  # page-aligned: written with O_DIRECT
-    q: queue.Queue = queue.Queue(maxsize=QUEUED)
-    errors: list[BaseException] = []
-
-    full_size: dict[int, np.ndarray] = {}  # address -> the recycled buffer a chunk was cut into
+    for _ in range(2 * available_cpus() + 2):
+        free.put(aligned_empty((CHUNK_PATCHES, p, p, 3)))
+    lent: dict[int, np.ndarray] = {}  # address -> recycled buffer a chunk was cut into
 
     def get_buffer(n: int) -> np.ndarray:
-        buf = free.get()
-        full_size[buf.ctypes.data] = buf
+        buf = free.get()  # waits for a write to finish when all buffers are in flight
+        lent[buf.ctypes.data] = buf
         return buf[:n]
 
-    def drain() -> None:
-        while True:
-            item = q.get()
-            if item is None:
-                return
-            if not errors:
-                try:
-                    writer.write_pixels(*item)
-                except BaseException as e:  # noqa: BLE001 - re-raised in the caller
-                    errors.append(e)
-            free.put(full_size[item[1].ctypes.data])
-
-    t = threading.Thread(target=drain, name="tile-write", daemon=True)
-    t.start()
+    in_flight: collections.deque[Future] = collections.deque()
     bar = tqdm(total=len(level_xy), desc=sid, unit="patch", disable=not progress, leave=False)
     try:
         chunks = iter_patch_chunks(
@@ -359,23 +351,24 @@ def _write_pixels(
             level_xy,
             choice.patch_px_level,
             choice.patch_px,
-            group,
+            CHUNK_PATCHES,
             pool,
             get_buffer=get_buffer,
         )
         for start, arr in chunks:
-            if errors:
-                break
-            q.put((start, arr))
+            buf = lent.pop(arr.ctypes.data)
+            fut = writer.write_chunk_async(start, arr)
+            fut.add_done_callback(lambda _, buf=buf: free.put(buf))
+            in_flight.append(fut)
+            while in_flight and in_flight[0].done():
+                in_flight.popleft().result()  # raises a failed write here, early
             bar.update(len(arr))
+        while in_flight:
+            in_flight.popleft().result()
     finally:
-        q.put(None)
-        t.join()
         bar.close()
         if own_pool:
             pool.shutdown(wait=True, cancel_futures=True)
-    if errors:
-        raise errors[0]
 
 
 def write_mask_png(
