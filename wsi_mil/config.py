@@ -177,6 +177,7 @@ class ModelConfig:
     gated: bool = False  # gated attention (Ilse et al. 2018) instead of the seed's tanh MLP
     dropout: float = 0.0  # on the patch embeddings and the classifier's hidden layer
     use_pos: bool = True  # off automatically when a feature store has no coords
+    feature_norm: str = "standard"  # standard: z-score features with training-set stats | none
 
 
 @dataclass

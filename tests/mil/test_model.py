@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from wsi_mil.config import ModelConfig
-from wsi_mil.errors import DataError
-from wsi_mil.mil.model import PositionalAttentionMIL, model_from_checkpoint
+from wsi_mil.errors import ConfigError, DataError
+from wsi_mil.mil.model import PositionalAttentionMIL, feature_stats, model_from_checkpoint
 
 VARIANTS = {
     "seed": ModelConfig(in_dim=16),
@@ -125,3 +125,50 @@ def test_rebuild_from_checkpoint_dict():
     m2 = model_from_checkpoint(ck).eval()
     x, xy = _bag()
     assert torch.equal(m.eval()(x, xy).logit, m2(x, xy).logit)
+
+
+def test_feature_standardisation_makes_the_head_invariant_to_feature_offset_and_scale():
+    torch.manual_seed(0)
+    m = PositionalAttentionMIL(ModelConfig(in_dim=16)).eval()
+    x, xy = _bag()
+    train = [torch.randn(50, 16) for _ in range(4)]
+    m.set_feature_stats(*feature_stats(train))
+    ref = m(x, xy)
+    # the same features in other units (offset + per-dim scale), stats measured in those units
+    shift, scale = torch.randn(16) * 20, torch.rand(16) * 5 + 0.5
+    m2 = PositionalAttentionMIL(ModelConfig(in_dim=16)).eval()
+    m2.load_state_dict(m.state_dict())
+    m2.set_feature_stats(*feature_stats([t * scale + shift for t in train]))
+    out = m2(x * scale + shift, xy)
+    torch.testing.assert_close(out.logit, ref.logit, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.attention, ref.attention, atol=1e-5, rtol=1e-4)
+
+
+def test_feature_stats_are_exact_mean_and_std():
+    bags = [torch.randn(n, 8) * 3 + 7 for n in (5, 11, 1)]
+    mean, std = feature_stats(bags)
+    allf = torch.cat(bags).double()
+    torch.testing.assert_close(mean, allf.mean(0).float())
+    torch.testing.assert_close(std, allf.std(0).float())
+
+
+def test_feature_norm_none_is_the_seeds_raw_head_and_old_checkpoints_load():
+    torch.manual_seed(0)
+    raw = PositionalAttentionMIL(ModelConfig(in_dim=16, feature_norm="none")).eval()
+    raw.set_feature_stats(torch.full((16,), 5.0), torch.full((16,), 3.0))  # ignored
+    x, xy = _bag()
+    std = PositionalAttentionMIL(ModelConfig(in_dim=16)).eval()
+    std.load_state_dict({**raw.state_dict(), "feature_mean": torch.zeros(16)})
+    std.set_feature_stats(torch.zeros(16), torch.ones(16))
+    assert torch.equal(raw(x, xy).logit, std(x, xy).logit)  # identity stats == raw
+    # a checkpoint written before feature_norm existed: no key, no buffers -> raw features
+    old = {k: v for k, v in raw.state_dict().items() if not k.startswith("feature_")}
+    cfg = {k: v for k, v in vars(raw.cfg).items() if k != "feature_norm"}
+    m = model_from_checkpoint({"model": old, "model_config": cfg}).eval()
+    assert m.cfg.feature_norm == "none"
+    assert torch.equal(m(x, xy).logit, raw(x, xy).logit)
+
+
+def test_unknown_feature_norm_is_a_config_error():
+    with pytest.raises(ConfigError, match="feature-norm"):
+        PositionalAttentionMIL(ModelConfig(in_dim=4, feature_norm="layer"))

@@ -73,6 +73,27 @@ def test_mil_benchmark_auc_and_attention_localisation(tmp_path):
     assert np.mean(hits) >= 0.9, hits
 
 
+def test_features_with_a_large_common_offset_still_learn(tmp_path):
+    """Encoder features often share a big offset and a small spread (here 40 + 0.2 f): the
+    head's input standardisation (fitted on the training bags, saved in the checkpoint)
+    makes this the same problem as the benchmark above."""
+    bags = make_bags(100, dim=32, n_min=50, n_max=200, shift=2.5)
+    for b in bags:
+        b.features = (40.0 + 0.2 * b.features).astype(np.float32)
+    write_bags(bags, tmp_path / "feats")
+    splits = ["train"] * 50 + ["val"] * 10 + ["test"] * 40
+    entries = read_slide_table(write_table(bags, tmp_path / "slides.csv", splits))
+    run = train(_cfg(tmp_path, epochs=12), entries, progress=False)
+    state = _weights(run / "checkpoints" / "best.pt")["model"]
+    train_feats = np.concatenate([b.features for b in bags[:50]])
+    np.testing.assert_allclose(state["feature_mean"].numpy(), train_feats.mean(0), atol=1e-3)
+    np.testing.assert_allclose(state["feature_std"].numpy(), train_feats.std(0, ddof=1), rtol=1e-3)
+    res = predict(
+        PredictConfig(work=tmp_path / "w", run=run, device="cpu"), entries, progress=False
+    )
+    assert res["splits"]["test"]["auc"] >= 0.95, res["splits"]["test"]
+
+
 def test_run_folder_contents(tmp_path):
     _, entries = _setup(tmp_path)
     run = train(_cfg(tmp_path), entries, progress=False)

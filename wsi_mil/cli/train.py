@@ -170,6 +170,14 @@ from wsi_mil.cli.common import config_option, progress_enabled, slide_inputs, wo
     help="Dropout on patch embeddings and the classifier's hidden layer.",
 )
 @click.option(
+    "--feature-norm",
+    type=click.Choice(["standard", "none"]),
+    default="standard",
+    show_default=True,
+    help="standard: z-score each feature dim with the mean/std of the training patches "
+    "(fixed before training, saved in the checkpoint); none: raw features, as in the seed.",
+)
+@click.option(
     "--encoder",
     default="resnet-patch-cnn",
     show_default=True,
@@ -238,7 +246,9 @@ def command(slides_csv: str | None, slide_paths: tuple[str, ...], **kw: Any) -> 
     from wsi_mil.slides.table import read_slide_table
     from wsi_mil.train import train
 
-    model_keys = ("use_pos", "pos_dim", "attn_dim", "hidden_dim", "gated", "dropout")
+    model_keys = (
+        "use_pos", "pos_dim", "attn_dim", "hidden_dim", "gated", "dropout", "feature_norm",
+    )  # fmt: skip
     model = ModelConfig(**{k: kw.pop(k) for k in model_keys})
     kw["work"] = Path(kw["work"])
     kw["backend"] = None if kw["backend"] == "auto" else kw["backend"]

@@ -19,7 +19,7 @@ from wsi_mil.batch import atomic_path, available_cpus
 from wsi_mil.config import TrainConfig, save_resolved
 from wsi_mil.errors import ConfigError, DataError
 from wsi_mil.mil.bags import Bag, load_bags, resolve_features_dir
-from wsi_mil.mil.model import PositionalAttentionMIL
+from wsi_mil.mil.model import PositionalAttentionMIL, feature_stats
 from wsi_mil.slides.table import SlideEntry
 from wsi_mil.train import distributed as dist_
 from wsi_mil.train.loop import Trainer, seed_everything
@@ -149,6 +149,8 @@ def _train_cached(
 
     seed_everything(cfg.seed)
     model = PositionalAttentionMIL(model_cfg)
+    if model_cfg.feature_norm == "standard":
+        model.set_feature_stats(*feature_stats(b.features for b in train))
     trainer = Trainer(resolved, model, train, val, run, info=info, progress=progress)
     trainer.fit()
     if main:

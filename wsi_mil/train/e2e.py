@@ -49,6 +49,7 @@ from wsi_mil.config import ModelConfig, TrainConfig, save_resolved, to_plain
 from wsi_mil.errors import ConfigError, DataError, StoreError
 from wsi_mil.features.encoders import create_encoder, preprocess
 from wsi_mil.features.feature_store import FeatureBag
+from wsi_mil.mil.model import feature_stats
 from wsi_mil.slides.table import SlideEntry
 from wsi_mil.tiling.patch_store import PatchStore
 from wsi_mil.train import distributed as dist_
@@ -485,15 +486,19 @@ class E2ETrainer(Trainer):
         self.encoder.load_state_dict(state["encoder"])
 
     def calibrate_if_needed(self) -> None:
-        """Untrained encoder: data-dependent initialisation from a sample of training patches.
+        """Data-dependent initialisation from a sample of training patches (first epoch only).
 
-        BatchNorm layers get real frozen statistics (:func:`calibrate_batchnorm`), then the
-        final linear layer is rescaled so each output feature has mean 0 and std 1 over the
-        sample (:func:`standardise_output_layer`). Without the second step a random encoder's
-        features barely vary between patches (per-dim std ~0.07 here), so the head needs
-        hundreds of epochs before its logits leave 0 and the loss stays at ln 2.
+        Untrained encoder: BatchNorm layers get real frozen statistics
+        (:func:`calibrate_batchnorm`), then the final linear layer is rescaled so each output
+        feature has mean 0 and std 1 over the sample (:func:`standardise_output_layer`).
+        Without the second step a random encoder's features barely vary between patches
+        (per-dim std ~0.07 here), so the head needs hundreds of epochs before its logits
+        leave 0 and the loss stays at ln 2. Then, for any encoder, the head's fixed input
+        standardisation (``feature_norm="standard"``) is set from the sample's features.
         """
-        if self.enc_info.trained or self.epoch > 0:
+        untrained = not self.enc_info.trained
+        standardise_head = getattr(self.model.cfg, "feature_norm", "none") == "standard"
+        if self.epoch > 0 or not (untrained or standardise_head):
             return
         rng = np.random.default_rng([self.cfg.seed, 11])
         per_bag = max(1, 512 // max(1, len(self.train_bags)))
@@ -513,13 +518,18 @@ class E2ETrainer(Trainer):
                 finally:
                     r.close()
 
-        if has_batchnorm(self.encoder):
+        if untrained and has_batchnorm(self.encoder):
             n = calibrate_batchnorm(self.encoder, batches())
             log.info(
                 "calibrated the BatchNorm statistics of the untrained encoder on %d patches", n
             )
-        if standardise_output_layer(self.encoder, batches()):
+        if untrained and standardise_output_layer(self.encoder, batches()):
             log.info("standardised the untrained encoder's output features (mean 0, std 1)")
+        if standardise_head:
+            self.encoder.eval()
+            with torch.no_grad():
+                feats = [self.encoder(x).float() for x in batches()]
+            self.model.set_feature_stats(*feature_stats(feats))  # type: ignore[operator]
 
     def fit(self) -> Path:
         run = super().fit()
