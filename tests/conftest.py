@@ -30,7 +30,9 @@ def pytest_collection_modifyitems(config, items):  # noqa: ANN001
             it.add_marker(skip)
 
 
-def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
     """Run ``python -m wsi_mil ARGS`` in a real subprocess; returns the completed process."""
     e = {**os.environ, **(env or {})}
     return subprocess.run(

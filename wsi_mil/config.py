@@ -93,7 +93,10 @@ def from_dict(cls: type, d: dict[str, Any]) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - names)
     if unknown:
-        raise ConfigError(f"unknown option(s) for {cls.__name__}: {', '.join(unknown)}", f"known: {', '.join(sorted(names))}")
+        raise ConfigError(
+            f"unknown option(s) for {cls.__name__}: {', '.join(unknown)}",
+            f"known: {', '.join(sorted(names))}",
+        )
     return cls(**d)
 
 
@@ -122,7 +125,9 @@ class SynthConfig:
     jpeg_quality: int | None = None
     zarr_format: int | None = None  # 3 (NGFF 0.5) | 2 (NGFF 0.4)
     seed: int = 0
-    splits: str = ""  # e.g. "train=0.6,val=0.2,test=0.2" (stratified by label); "": empty split column
+    splits: str = (
+        ""  # e.g. "train=0.6,val=0.2,test=0.2" (stratified by label); "": empty split column
+    )
     workers: int | None = None  # render threads; None: CPUs this job may use
 
 

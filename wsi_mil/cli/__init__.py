@@ -16,7 +16,9 @@ from wsi_mil.errors import WsiMilError
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, "--version", prog_name="wsi-mil")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
-@click.option("-q", "--quiet", count=True, help="Less output: no progress bars, warnings and errors only.")
+@click.option(
+    "-q", "--quiet", count=True, help="Less output: no progress bars, warnings and errors only."
+)
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 @click.pass_context
 def cli(ctx: click.Context, verbose: int, quiet: int, debug: bool) -> None:
@@ -78,6 +80,9 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             traceback.print_exc()
         logging.getLogger("wsi_mil").debug("unhandled", exc_info=True)
-        click.echo(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback and report it)", err=True)
+        click.echo(
+            f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback and report it)",
+            err=True,
+        )
         sys.exit(1)
     sys.exit(0)

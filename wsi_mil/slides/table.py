@@ -31,7 +31,9 @@ def slide_id_from_path(path: str | os.PathLike) -> str:
     return Path(name).stem
 
 
-def read_slide_table(csv: str | os.PathLike | None = None, paths: tuple[str, ...] | list[str] = ()) -> list[SlideEntry]:
+def read_slide_table(
+    csv: str | os.PathLike | None = None, paths: tuple[str, ...] | list[str] = ()
+) -> list[SlideEntry]:
     """Entries from a slide-table CSV and/or slide paths and globs (slide_id = file stem).
 
     Relative paths in a CSV resolve against the CSV's folder. Slide ids must be unique.
@@ -42,7 +44,10 @@ def read_slide_table(csv: str | os.PathLike | None = None, paths: tuple[str, ...
     for pat in paths:
         matches = sorted(glob.glob(pat)) if any(c in pat for c in "*?[") else [pat]
         if not matches:
-            raise ConfigError(f"no slides match {pat!r}", "check the glob or quote it so the shell does not expand it")
+            raise ConfigError(
+                f"no slides match {pat!r}",
+                "check the glob or quote it so the shell does not expand it",
+            )
         for m in matches:
             entries.append(SlideEntry(slide_id_from_path(m), Path(m)))
     if not entries:
@@ -50,7 +55,10 @@ def read_slide_table(csv: str | os.PathLike | None = None, paths: tuple[str, ...
     seen: set[str] = set()
     for e in entries:
         if e.slide_id in seen:
-            raise ConfigError(f"slide_id {e.slide_id!r} appears twice", "slide ids must be unique; rename one file or give ids in a CSV")
+            raise ConfigError(
+                f"slide_id {e.slide_id!r} appears twice",
+                "slide ids must be unique; rename one file or give ids in a CSV",
+            )
         seen.add(e.slide_id)
     return entries
 
@@ -62,7 +70,10 @@ def _read_csv(csv: Path) -> list[SlideEntry]:
     try:
         df = pd.read_csv(csv, dtype=str, keep_default_na=False)
     except Exception as e:  # noqa: BLE001
-        raise ConfigError(f"cannot read slide table {csv}: {e}", "it must be a CSV with columns slide_id,path[,label][,split]") from None
+        raise ConfigError(
+            f"cannot read slide table {csv}: {e}",
+            "it must be a CSV with columns slide_id,path[,label][,split]",
+        ) from None
     cols = [c.strip().lower() for c in df.columns]
     if "slide_id" not in cols:
         # The seed's labels.csv: "filename,label" with no header.
@@ -86,7 +97,9 @@ def _read_csv(csv: Path) -> list[SlideEntry]:
         label = _parse_label(row.get("label", ""), csv, i)
         split = str(row.get("split", "") or "").strip().lower() or None
         if split is not None and split not in SPLITS:
-            raise ConfigError(f"{csv} row {i + 2}: split {split!r} is not one of {', '.join(SPLITS)}")
+            raise ConfigError(
+                f"{csv} row {i + 2}: split {split!r} is not one of {', '.join(SPLITS)}"
+            )
         out.append(SlideEntry(sid, path, label, split))
     return out
 
@@ -100,7 +113,10 @@ def _parse_label(v: object, csv: Path, i: int) -> int | None:
     except ValueError:
         f = float("nan")
     if f not in (0.0, 1.0):
-        raise ConfigError(f"{csv} row {i + 2}: label {s!r} is not 0 or 1", "labels must be binary (0/1); leave empty for unlabelled slides")
+        raise ConfigError(
+            f"{csv} row {i + 2}: label {s!r} is not 0 or 1",
+            "labels must be binary (0/1); leave empty for unlabelled slides",
+        )
     return int(f)
 
 
@@ -115,5 +131,12 @@ def write_slide_table(entries: list[SlideEntry], csv: str | os.PathLike) -> None
                 p = os.path.relpath(e.path, csv.parent)
             except ValueError:
                 p = str(e.path)
-        rows.append({"slide_id": e.slide_id, "path": p, "label": "" if e.label is None else e.label, "split": e.split or ""})
+        rows.append(
+            {
+                "slide_id": e.slide_id,
+                "path": p,
+                "label": "" if e.label is None else e.label,
+                "split": e.split or "",
+            }
+        )
     pd.DataFrame(rows, columns=["slide_id", "path", "label", "split"]).to_csv(csv, index=False)
