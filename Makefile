@@ -25,6 +25,7 @@ $(VENV)/.installed: pyproject.toml
 
 demo: install
 	$(BIN)/wsi-mil run --config configs/demo.yaml
+	$(BIN)/wsi-mil run --config configs/demo-cached.yaml
 
 test: install
 	$(BIN)/python -m pytest -q -m "not slow and not gpu" $(PYTEST_ARGS)
