@@ -29,6 +29,11 @@ from wsi_mil.cli.common import config_option, progress_enabled, slide_inputs, wo
     Splits: --folds K (stratified k-fold, --fold I validates) > a 'split' column naming
     val slides > --val-frac (stratified random share). 'test' slides never train.
     Same data + options + --seed give the same weights (on CPU).
+    \b
+    e2e from an untrained encoder: --norm frozen-bn (statistics calibrated and the output
+    layer standardised on training patches before epoch 1), --freeze-encoder-epochs 3 and
+    --encoder-lr 1e-4 (see configs/e2e-small.yaml); without them the loss can sit at ln 2.
+    R/encoder.pt then feeds 'wsi-mil extract --weights R/encoder.pt'.
     """,
 )
 @config_option
