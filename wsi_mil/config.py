@@ -196,7 +196,7 @@ class TrainConfig:
     weights: Path | None = None
     epochs: int = 20
     lr: float = 1e-3
-    encoder_lr: float | None = None  # e2e: None = lr
+    encoder_lr: float | None = None  # e2e: None = lr / 10 (train.e2e.resolve_encoder_lr)
     weight_decay: float = 0.05
     beta1: float = 0.9
     beta2: float = 0.999

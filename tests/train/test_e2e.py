@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 import torch
 
 from wsi_mil.config import ModelConfig, TrainConfig
@@ -225,6 +226,16 @@ def test_bad_options_and_missing_stores(work, tmp_path: Path) -> None:
         train_e2e(make_cfg(w, tmp_path / "c"), ghost, progress=False)
     with pytest.raises(StoreError):
         E2EEncoder(tmp_path / "nowhere")
+
+
+def test_default_encoder_lr_is_a_tenth_of_the_head_lr(work, tmp_path: Path) -> None:
+    w, entries = work
+    run = train_e2e(make_cfg(w, tmp_path / "r", epochs=1, lr=2e-3), entries, progress=False)
+    groups = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["optimizer"]
+    lrs = {g["name"]: g["initial_lr"] if "initial_lr" in g else g["lr"] for g in groups["param_groups"]}
+    assert lrs == pytest.approx({"head": 2e-3, "encoder": 2e-4})
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["encoder_lr"] == pytest.approx(2e-4)
 
 
 def test_config_dataclass_has_e2e_fields() -> None:

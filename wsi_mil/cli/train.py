@@ -198,7 +198,10 @@ from wsi_mil.cli.common import config_option, progress_enabled, slide_inputs, wo
     help="Encoder weights (encoder.pt or a state_dict).",
 )
 @click.option(
-    "--encoder-lr", type=float, default=None, help="e2e: encoder learning rate (default: --lr)."
+    "--encoder-lr",
+    type=float,
+    default=None,
+    help="e2e: encoder learning rate (default: --lr / 10; the saved config has the value used).",
 )
 @click.option(
     "--chunk-size",
