@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 import torch
+import yaml
 
 from wsi_mil.config import ModelConfig, TrainConfig
 from wsi_mil.errors import ConfigError, StoreError
@@ -232,7 +232,9 @@ def test_default_encoder_lr_is_a_tenth_of_the_head_lr(work, tmp_path: Path) -> N
     w, entries = work
     run = train_e2e(make_cfg(w, tmp_path / "r", epochs=1, lr=2e-3), entries, progress=False)
     groups = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["optimizer"]
-    lrs = {g["name"]: g["initial_lr"] if "initial_lr" in g else g["lr"] for g in groups["param_groups"]}
+    lrs = {
+        g["name"]: g["initial_lr"] if "initial_lr" in g else g["lr"] for g in groups["param_groups"]
+    }
     assert lrs == pytest.approx({"head": 2e-3, "encoder": 2e-4})
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["encoder_lr"] == pytest.approx(2e-4)
