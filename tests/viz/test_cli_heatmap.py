@@ -87,6 +87,29 @@ def test_heatmap_end_to_end(cli, run_with_slides):
     assert Image.open(hm / "pos.png").size == (256, 192)
 
 
+def test_rewritten_identical_attention_is_up_to_date_changed_is_redrawn(cli, run_with_slides):
+    """predict rewrites every attention file on each run: same content -> no redraw."""
+    import os
+    import shutil
+
+    run = run_with_slides
+    args = ("heatmap", "--run", str(run), "--thumbnail-px", "256", "--top-k", "2")
+    assert cli(*args).returncode == 0
+    att = run / "attention" / "pos.h5"
+    copy = att.with_suffix(".bak")
+    shutil.copyfile(att, copy)
+    os.replace(copy, att)  # a new file (new inode and mtime), same bytes
+    st = att.stat()
+    os.utime(att, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+    assert "0 done, 2 up to date" in cli(*args).stderr
+    import h5py
+
+    with h5py.File(att, "r+") as f:
+        a = f["attention"][:]
+        f["attention"][:] = a[::-1]  # other attention -> redrawn
+    assert "1 done, 1 up to date" in cli(*args).stderr
+
+
 def test_slide_id_shard_and_config_file(cli, run_with_slides, tmp_path):
     run = run_with_slides
     r = cli("-q", "heatmap", "--run", str(run), "--slide-id", "neg", "--top-k", "0")

@@ -119,6 +119,32 @@ def read_attention(path: str | os.PathLike) -> AttentionMap:
     )
 
 
+def attention_content_digest(path: str | os.PathLike) -> str:
+    """sha256 of an attention file's datasets and attrs (not its mtime).
+
+    ``wsi-mil predict`` rewrites every attention file on each run; identical content keeps
+    this digest, so current heatmaps are not redrawn. Unreadable files hash as their error.
+    """
+    import hashlib
+
+    import h5py
+
+    h = hashlib.sha256()
+    try:
+        with h5py.File(path, "r") as f:
+            for k in sorted(f.attrs):
+                h.update(f"{k}={f.attrs[k]!r};".encode())
+            for name in sorted(f):
+                obj = f[name]
+                if isinstance(obj, h5py.Dataset):
+                    a = np.ascontiguousarray(obj[()])
+                    h.update(f"{name}:{a.dtype.str}:{a.shape};".encode())
+                    h.update(a.tobytes())
+    except OSError as e:
+        h.update(f"unreadable:{e}".encode())
+    return h.hexdigest()
+
+
 def attention_files(run_dir: str | os.PathLike) -> dict[str, Path]:
     """{slide_id: R/attention/<slide_id>.h5}, sorted; clear errors when there are none."""
     run = Path(run_dir)

@@ -43,6 +43,7 @@ from wsi_mil.config import HeatmapConfig, save_resolved
 from wsi_mil.errors import ConfigError, StoreError
 from wsi_mil.viz.attention import (
     AttentionMap,
+    attention_content_digest,
     attention_files,
     check_slide_id,
     read_attention,
@@ -179,7 +180,7 @@ def _digest(
             "top_k": cfg.top_k,
             "max_alpha": cfg.max_alpha,
             "scale": cfg.scale,
-            "attention": file_fingerprint(att_file),
+            "attention": attention_content_digest(att_file),
             "slide": [str(slide_path), slide_fp],
             "markers": None if boxes is None else boxes.tolist(),
         }
