@@ -308,17 +308,18 @@ def standardise_output_layer(encoder: nn.Module, batches: Iterator[torch.Tensor]
         return False
     was_training = encoder.training
     encoder.eval()
-    with torch.no_grad():
-        feats = torch.cat([encoder(x).float() for x in batches])
-        if feats.shape[0] < 2:
-            encoder.train(was_training)
-            return False
-        m, s = feats.mean(0), feats.std(0).clamp_min(1e-6)
-        fc.weight.div_(s[:, None].to(fc.weight.dtype))
-        if fc.bias is not None:
-            fc.bias.sub_(m.to(fc.bias.dtype)).div_(s.to(fc.bias.dtype))
-    encoder.train(was_training)
-    return True
+    try:
+        with torch.no_grad():
+            feats = torch.cat([encoder(x).float() for x in batches])
+            if feats.shape[0] < 2:
+                return False
+            m, s = feats.mean(0), feats.std(0).clamp_min(1e-6)
+            fc.weight.div_(s[:, None].to(fc.weight.dtype))
+            if fc.bias is not None:
+                fc.bias.sub_(m.to(fc.bias.dtype)).div_(s.to(fc.bias.dtype))
+        return True
+    finally:
+        encoder.train(was_training)
 
 
 def device_settings(device: torch.device) -> tuple[torch.dtype | None, bool]:
@@ -510,26 +511,26 @@ class E2ETrainer(Trainer):
         standardisation (``feature_norm="standard"``) is set from the sample's features.
         """
         untrained = not self.enc_info.trained
-        standardise_head = getattr(self.model.cfg, "feature_norm", "none") == "standard"
+        standardise_head = self.model.cfg.feature_norm == "standard"
         if self.epoch > 0 or not (untrained or standardise_head):
             return
         rng = np.random.default_rng([self.cfg.seed, 11])
         per_bag = max(1, 512 // max(1, len(self.train_bags)))
-        prep, cs = self._prepare(False), self.cfg.chunk_size
-        sample: list[tuple[PatchBag, np.ndarray]] = []
+        cs = self.cfg.chunk_size
+        # read (decode) the sample once; up to three passes below reuse the raw patches
+        raw: list[np.ndarray] = []
         for i in rng.permutation(len(self.train_bags)):
             bag = self.train_bags[int(i)]
             idx = np.sort(rng.choice(len(bag), size=min(per_bag, len(bag)), replace=False))
-            sample.append((bag, idx))
+            r = BagReader(bag.store, idx, backend=self.cfg.backend)
+            try:
+                raw.extend(r(s, min(s + cs, len(r))) for s in range(0, len(r), cs))
+            finally:
+                r.close()
+        prep = self._prepare(False)
 
         def batches() -> Iterator[torch.Tensor]:
-            for bag, idx in sample:
-                r = BagReader(bag.store, idx, backend=self.cfg.backend)
-                try:
-                    for s in range(0, len(r), cs):
-                        yield prep(r(s, min(s + cs, len(r)))).to(self.device)
-                finally:
-                    r.close()
+            return (prep(x).to(self.device) for x in raw)
 
         if untrained and has_batchnorm(self.encoder):
             n = calibrate_batchnorm(self.encoder, batches())
