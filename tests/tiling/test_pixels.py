@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -83,37 +84,48 @@ def test_store_pixels_equal_source_image(tmp_path, backend_slides, tiling_image)
 
 
 @pytest.mark.parametrize("case", ["openslide", "tiff-ome", "zarr-0.5"])
-def test_each_native_tile_read_once(backend_slides, case):
-    """Blocks read are tile-aligned and disjoint, even with overlapping patches."""
+@pytest.mark.parametrize("patch", [72, 40], ids=["same-size", "resized"])
+def test_each_native_tile_read_once(backend_slides, case, patch):
+    """Every native tile is decoded once, even with overlapping patches; also when the
+    patches are read at another size and resized (the block path)."""
     path, backend = backend_slides[case]
     with open_slide(path, backend=backend) as slide:
         grid = slide.tile_grid(0)
         assert grid is not None
-        reads: list[tuple[int, int, int, int]] = []
-        orig = slide.read_level_region
+        tiles: list[tuple[int, int]] = []  # native tiles inside the image that were decoded
+        w0, h0 = slide.dimensions
+        orig_region, orig_tile = slide.read_level_region, slide.read_tile
 
-        def spy(level, lx, ly, w, h):
-            reads.append((lx, ly, w, h))
-            return orig(level, lx, ly, w, h)
+        in_tile = threading.local()  # the default read_tile reads its tile's window
 
-        slide.read_level_region = spy
+        def spy_region(level, lx, ly, w, h):
+            if getattr(in_tile, "on", False):
+                return orig_region(level, lx, ly, w, h)
+            assert lx % grid.tile_w == 0 and ly % grid.tile_h == 0
+            assert w % grid.tile_w == 0 and h % grid.tile_h == 0
+            for ty in range(ly, ly + h, grid.tile_h):
+                for tx in range(lx, lx + w, grid.tile_w):
+                    if tx < w0 and ty < h0:
+                        tiles.append((tx, ty))
+            return orig_region(level, lx, ly, w, h)
+
+        def spy_tile(level, col, row, out=None):
+            tiles.append((col * grid.tile_w, row * grid.tile_h))
+            in_tile.on = True
+            try:
+                return orig_tile(level, col, row, out)
+            finally:
+                in_tile.on = False
+
+        slide.read_level_region, slide.read_tile = spy_region, spy_tile
         from wsi_mil.tiling.grid import grid_level_xy
 
         xy = grid_level_xy(*slide.dimensions, 40)  # patch 72, stride 40: heavy overlap
         with ThreadPoolExecutor(2) as pool:
-            chunks = list(iter_patch_chunks(slide, 0, xy, 72, 72, 16, pool))
-        slide.read_level_region = orig
+            chunks = list(iter_patch_chunks(slide, 0, xy, 72, patch, 16, pool))
+        slide.read_level_region, slide.read_tile = orig_region, orig_tile
         got = np.concatenate([a for _, a in chunks])
-        np.testing.assert_array_equal(got, read_patches_from_slide(slide, xy, 0, 72, 72))
-    w0, h0 = slide.dimensions
-    tiles = []  # native tiles inside the image covered by the reads (blocks may run past it)
-    for lx, ly, w, h in reads:
-        assert lx % grid.tile_w == 0 and ly % grid.tile_h == 0
-        assert w % grid.tile_w == 0 and h % grid.tile_h == 0
-        for ty in range(ly, ly + h, grid.tile_h):
-            for tx in range(lx, lx + w, grid.tile_w):
-                if tx < w0 and ty < h0:
-                    tiles.append((tx, ty))
+        np.testing.assert_array_equal(got, read_patches_from_slide(slide, xy, 0, patch, 72))
     assert len(tiles) == len(set(tiles)), "a native tile was decoded twice"
     assert len(set(tiles)) == -(-w0 // grid.tile_w) * -(-h0 // grid.tile_h)
 
@@ -129,3 +141,35 @@ def test_lazy_slices_and_norm_coords(tmp_path, backend_slides):
     assert (nc >= 0).all() and (nc < 1).all()
     assert store.tissue is not None and store.tissue.shape == (n,)
     assert store.tissue.max() == 1.0 and store.tissue.min() < 1.0  # edge patches partly outside
+
+
+@pytest.mark.parametrize("colour", ["ycbcr", "rgb"])
+def test_jpeg_tiles_decoded_into_the_buffer(tmp_path, colour):
+    """JPEG-tiled TIFFs: tiles are decoded straight into the caller's buffer, and the stored
+    pixels equal OpenSlide's read_region (edge tiles, overlap and padding included)."""
+    import tifffile
+    from slide_factory import test_image
+
+    img = test_image(600, 712, seed=5)
+    path = tmp_path / f"{colour}.tif"
+    args = {"level": 90}
+    if colour == "rgb":  # RGB-coded JPEG without JFIF marker, as Aperio writes
+        args["outcolorspace"] = "rgb"
+    tifffile.imwrite(
+        path, img, tile=(128, 128), photometric="rgb", compression="jpeg", compressionargs=args
+    )
+    with open_slide(path, backend="tiff") as slide:
+        assert slide._levels[0].jpeg is not None  # the fast path applies
+        buf = np.zeros((128, 128, 3), np.uint8)
+        for col, row in [(0, 0), (5, 4)]:  # (5, 4): the corner tile, partly past the edge
+            tile = slide.read_tile(0, col, row, out=buf)
+            assert tile is buf
+            h, w = min(128, 600 - 128 * row), min(128, 712 - 128 * col)
+            np.testing.assert_array_equal(
+                tile[:h, :w], slide.read_level_region(0, 128 * col, 128 * row, w, h)
+            )
+    store = _tile(tmp_path, path, "tiff", patch_size=100, stride=90)
+    with open_slide(path, backend="openslide") as ref:
+        want = read_patches_from_slide(ref, store.coords, 0, 100, 100)
+    np.testing.assert_array_equal(store.pixels(0, len(store)), want)
+    assert (want[-1] == PAD_VALUE).all(axis=-1).any()  # the last patch is padded

@@ -8,6 +8,9 @@ past the slide edge are padded white, never an error.
 from __future__ import annotations
 
 import abc
+import collections
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,6 +75,21 @@ class Slide(abc.ABC):
     def tile_grid(self, level: int) -> TileGrid | None:
         """Native tile size at ``level``, or None for strip/untiled/in-memory images."""
         return None
+
+    def read_tile(
+        self, level: int, col: int, row: int, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """(tile_h, tile_w, 3) uint8 RGB of native tile (``col``, ``row``) of ``tile_grid(level)``.
+
+        Pixels of an edge tile past the level's edge are unspecified. ``out``: an optional
+        (tile_h, tile_w, 3) uint8 scratch array a backend may decode into and return (callers
+        must not assume it does). Default: :meth:`read_level_region` of the tile's window.
+        """
+        grid = self.tile_grid(level)
+        if grid is None:
+            raise ValueError(f"level {level} of {self.path} has no tile grid")
+        tw, th = grid.tile_w, grid.tile_h
+        return self.read_level_region(level, col * tw, row * th, tw, th)
 
     def get_best_level_for_downsample(self, downsample: float) -> int:
         """Coarsest level whose downsample is <= ``downsample`` (+0.1% tolerance)."""
@@ -140,12 +158,13 @@ class Slide(abc.ABC):
             )
         return arr
 
-    def thumbnail(self, max_size_px: int) -> np.ndarray:
+    def thumbnail(self, max_size_px: int, pool: Executor | None = None) -> np.ndarray:
         """(h, w, 3) uint8 of the whole slide, longest side <= ``max_size_px`` (aspect kept).
 
         Reads the coarsest level that is still at least as large as needed, in bands of
         bounded size, box-reduces each band by an integer factor and resizes the result,
-        so memory stays bounded even for a single-level gigapixel image.
+        so memory stays bounded even for a single-level gigapixel image. ``pool``: read and
+        reduce bands in parallel (at most two bands per worker in flight).
         """
         from PIL import Image
 
@@ -156,10 +175,16 @@ class Slide(abc.ABC):
         lw, lh = self.level_dimensions[level]
         k = max(1, int(min(lw / tw, lh / th)))  # integer pre-reduction factor, keeps >= target size
         band_h = k * max(1, (1 << 24) // (3 * lw * k))  # ~16 MB of level pixels per band
-        bands = []
-        for y in range(0, lh, band_h):
-            band = self.read_level_region(level, 0, y, lw, min(band_h, lh - y))
-            bands.append(_box_reduce(band, k) if k > 1 else band)
+
+        def band(y: int) -> np.ndarray:
+            img = self.read_level_region(level, 0, y, lw, min(band_h, lh - y))
+            return _box_reduce(img, k) if k > 1 else img
+
+        ys = range(0, lh, band_h)
+        if pool is None or len(ys) == 1:
+            bands = [band(y) for y in ys]
+        else:
+            bands = list(_bounded_map(pool, band, ys, 2 * max(1, getattr(pool, "_max_workers", 1))))
         img = np.concatenate(bands, axis=0) if len(bands) > 1 else bands[0]
         if img.shape[:2] != (th, tw):
             # the last reduced row/column may be a partial block: map exactly lw/k x lh/k onto the output
@@ -203,22 +228,24 @@ class Slide(abc.ABC):
         return f"{type(self).__name__}({str(self.path)!r}, levels={self.level_count}, dims={self.dimensions})"
 
 
+def _bounded_map(pool: Executor, fn: Callable, items: Iterable, max_ahead: int) -> Iterator:
+    """``pool.map(fn, items)`` in order, with at most ``max_ahead`` calls submitted ahead."""
+    pending: collections.deque[Future] = collections.deque()
+    try:
+        for it in items:
+            pending.append(pool.submit(fn, it))
+            if len(pending) >= max_ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for f in pending:
+            f.cancel()
+
+
 def _box_reduce(img: np.ndarray, k: int) -> np.ndarray:
-    """Mean over k x k blocks of an (h, w, 3) uint8 image; a partial last row/column block is averaged too."""
-    h, w = img.shape[:2]
-    hp, wp = -(-h // k) * k, -(-w // k) * k
-    if (hp, wp) != (h, w):
-        img = np.pad(img, ((0, hp - h), (0, wp - w), (0, 0)), mode="edge")
-    blocks = img.reshape(hp // k, k, wp // k, k, 3)
-    # integer sums, no float copy of the band: round-half-up mean == (2 sum + k^2) // (2 k^2)
-    if k <= 16:  # k^2 in-place uint16 adds (max 16 * 16 * 255 fits)
-        acc = np.zeros((hp // k, wp // k, 3), np.uint16)
-        for i in range(k):
-            for j in range(k):
-                acc += blocks[:, i, :, j]
-    else:
-        acc = np.zeros((hp // k, k, wp // k, 3), np.uint32)
-        for j in range(k):
-            acc += blocks[:, :, :, j]
-        acc = acc.sum(axis=1)
-    return ((2 * acc.astype(np.uint32) + k * k) // (2 * k * k)).astype(np.uint8)
+    """Mean over k x k blocks of an (h, w, 3) uint8 image; a partial last row/column block is
+    averaged over the pixels it has (Pillow's ``Image.reduce``: C, fixed-point rounding)."""
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(np.ascontiguousarray(img)).reduce(k))

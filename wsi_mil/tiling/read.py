@@ -1,12 +1,15 @@
 """Reading patch pixels from a slide.
 
-Fast path (:func:`iter_patch_chunks`): the level is cut into *blocks* aligned to the
-slide's native tile grid (``Slide.tile_grid``; one or a few tiles each). Every block that
-any patch overlaps is read once with ``read_level_region`` (so every native tile is decoded
-at most once per slide), in a thread pool, a bounded number of blocks ahead; patches are
-cut from the decoded blocks in row-major order and a block is dropped as soon as the last
-patch that needs it has been cut. Memory: about one row of blocks across the tissue plus
-the read-ahead, independent of the number of patches.
+Fast path (:func:`iter_patch_chunks`), for slides with a native tile grid when patches need
+no resizing: every native tile that any patch overlaps is decoded exactly once, in a thread
+pool, into that thread's reused scratch buffer (``Slide.read_tile``), and its pieces are
+copied straight into the chunk buffers of the patches that overlap it (a *scatter*) while
+the tile is still in the CPU cache. A chunk is yielded when every tile it needs is done.
+Memory: the chunks of about two rows of patches plus the read-ahead.
+
+Block path: the same, the other way round, for untiled images and for patches read at
+another size and resized: the level is cut into tile-aligned *blocks*, each read once, and
+patches are cut from them in order.
 
 Slow path (:func:`read_patches_from_slide`): one ``read_region`` per patch, used for
 coords-only stores and as the reference in tests.
@@ -14,6 +17,9 @@ coords-only stores and as the reference in tests.
 
 from __future__ import annotations
 
+import collections
+import mmap
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -127,6 +133,99 @@ def plan_blocks(
     )
 
 
+# ---------------------------------------------------------------- scatter plan (pure)
+@dataclass(frozen=True)
+class ScatterPlan:
+    """Which pieces of which native tiles make up each patch, grouped by tile.
+
+    ``tile_col``/``tile_row`` (T,): the tiles needed, in row-major order; the pieces of tile
+    ``t`` are ``[start[t], start[t + 1])`` of the (M,) piece arrays: ``patch`` (index of the
+    patch), ``src`` (M, 4) ``(y, x, h, w)`` of the piece in the tile and ``dst`` (M, 2)
+    ``(y, x)`` in the patch, all level px. Only the in-level part of a patch has pieces;
+    ``inside`` (N,) is False for patches that run past the level edge (they need padding).
+    """
+
+    tile_col: np.ndarray
+    tile_row: np.ndarray
+    start: np.ndarray
+    patch: np.ndarray
+    src: np.ndarray
+    dst: np.ndarray
+    inside: np.ndarray
+
+
+def plan_scatter(
+    level_xy: np.ndarray,
+    patch_px: int,
+    level_w: int,
+    level_h: int,
+    tile_w: int,
+    tile_h: int,
+) -> ScatterPlan:
+    """Scatter plan of square patches at ``level_xy`` (N, 2) level px, ``patch_px`` a side,
+    over a level of ``level_w`` x ``level_h`` px stored in ``tile_w`` x ``tile_h`` tiles."""
+    xy = np.asarray(level_xy, np.int64).reshape(-1, 2)
+    px, py = xy[:, 0], xy[:, 1]
+    x0, x1 = np.clip(px, 0, level_w), np.clip(px + patch_px, 0, level_w)
+    y0, y1 = np.clip(py, 0, level_h), np.clip(py + patch_px, 0, level_h)
+    valid = (x1 > x0) & (y1 > y0)
+    c0, c1 = x0 // tile_w, (np.maximum(x1, 1) - 1) // tile_w
+    r0, r1 = y0 // tile_h, (np.maximum(y1, 1) - 1) // tile_h
+    parts: list[tuple[np.ndarray, ...]] = []
+    if valid.any():
+        span_c = int((c1 - c0)[valid].max()) + 1
+        span_r = int((r1 - r0)[valid].max()) + 1
+        for dr in range(span_r):
+            for dc in range(span_c):
+                i = np.flatnonzero(valid & (r0 + dr <= r1) & (c0 + dc <= c1))
+                c, r = c0[i] + dc, r0[i] + dr
+                tx, ty = c * tile_w, r * tile_h
+                ix0, ix1 = np.maximum(x0[i], tx), np.minimum(x1[i], tx + tile_w)
+                iy0, iy1 = np.maximum(y0[i], ty), np.minimum(y1[i], ty + tile_h)
+                parts.append(
+                    (r, c, i, iy0 - ty, ix0 - tx, iy1 - iy0, ix1 - ix0, iy0 - py[i], ix0 - px[i])
+                )
+    if parts:
+        r, c, i, sy, sx, h, w, dy, dx = (np.concatenate(a) for a in zip(*parts, strict=True))
+    else:
+        r = c = i = sy = sx = h = w = dy = dx = np.zeros(0, np.int64)
+    n_across = -(-level_w // tile_w)
+    key = r * n_across + c
+    order = np.lexsort((i, key))
+    key = key[order]
+    first = np.flatnonzero(np.r_[True, key[1:] != key[:-1]]) if len(key) else np.zeros(0, np.int64)
+    inside = (px >= 0) & (py >= 0) & (px + patch_px <= level_w) & (py + patch_px <= level_h)
+    return ScatterPlan(
+        tile_col=c[order][first],
+        tile_row=r[order][first],
+        start=np.r_[first, len(key)].astype(np.int64),
+        patch=i[order],
+        src=np.stack([sy, sx, h, w], 1)[order],
+        dst=np.stack([dy, dx], 1)[order],
+        inside=inside,
+    )
+
+
+#: decode buffers start this many bytes past a page boundary. libjpeg-turbo writing its
+#: RGB rows to a 32-byte-aligned buffer ran 25-35 % slower on the 2-core CI machine (Xeon,
+#: AVX-512) than to one 16 bytes off: loads from its own aligned row buffers and stores to
+#: ours 4 KiB apart alias. bench/tile.py measures both in its decode-limit rows.
+DECODE_BUFFER_OFFSET = 16
+
+_scratch = threading.local()
+
+
+def tile_scratch(tile_h: int, tile_w: int) -> np.ndarray:
+    """This thread's reused (tile_h, tile_w, 3) uint8 decode buffer (see DECODE_BUFFER_OFFSET)."""
+    shape = (tile_h, tile_w, 3)
+    buf = getattr(_scratch, "tile", None)
+    if buf is None or buf.shape != shape:
+        n = tile_h * tile_w * 3
+        raw = np.frombuffer(mmap.mmap(-1, n + DECODE_BUFFER_OFFSET), np.uint8)
+        buf = _scratch.tile = raw[DECODE_BUFFER_OFFSET:].reshape(shape)
+    return buf
+
+
 # ---------------------------------------------------------------- fast path
 def iter_patch_chunks(
     slide: Slide,
@@ -155,8 +254,22 @@ def iter_patch_chunks(
     n = len(xy)
     if n == 0:
         return
-    lw, lh = slide.level_dimensions[level]
     grid = slide.tile_grid(level)
+    if grid is not None and patch_px_level == patch_px:
+        yield from _iter_scatter(
+            slide,
+            level,
+            xy,
+            patch_px,
+            chunk_patches,
+            pool,
+            grid.tile_w,
+            grid.tile_h,
+            max_blocks_ahead,
+            get_buffer,
+        )
+        return
+    lw, lh = slide.level_dimensions[level]
     bw, bh = block_size(grid.tile_w if grid else None, grid.tile_h if grid else None)
     plan = plan_blocks(xy, patch_px_level, lw, lh, bw, bh)
     starts = list(range(0, n, chunk_patches))
@@ -219,6 +332,104 @@ def iter_patch_chunks(
     finally:
         for f in blocks.values():
             f.cancel()
+
+
+#: native tiles decoded + scattered per task of the read pool (fewer, larger tasks: a
+#: future per tile cost ~10 % of the CPU in GIL hand-offs)
+TILES_PER_TASK = 8
+
+
+def _iter_scatter(
+    slide: Slide,
+    level: int,
+    xy: np.ndarray,
+    patch_px: int,
+    chunk_patches: int,
+    pool: ThreadPoolExecutor,
+    tile_w: int,
+    tile_h: int,
+    max_tiles_ahead: int | None,
+    get_buffer: Callable[[int], np.ndarray] | None,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """:func:`iter_patch_chunks` for tiled levels read at the patch size: decode + scatter."""
+    n = len(xy)
+    lw, lh = slide.level_dimensions[level]
+    plan = plan_scatter(xy, patch_px, lw, lh, tile_w, tile_h)
+    n_tiles, n_chunks = len(plan.start) - 1, -(-n // chunk_patches)
+    # tasks: runs of TILES_PER_TASK tiles in row-major order; pieces of task b are
+    # [piece_at[b], piece_at[b + 1])
+    task_tiles = list(range(0, n_tiles, TILES_PER_TASK)) + [n_tiles]
+    n_tasks = len(task_tiles) - 1
+    piece_at = plan.start[task_tiles]
+    # python ints: the per-piece loop below runs ~3 times per patch
+    cols, rows = plan.tile_col.tolist(), plan.tile_row.tolist()
+    start = plan.start.tolist()
+    piece_chunk = plan.patch // chunk_patches
+    pieces = np.column_stack([piece_chunk, plan.patch % chunk_patches, plan.src, plan.dst]).tolist()
+    # pieces each chunk waits for; chunks each task fills (its last one must have a buffer
+    # before the task starts)
+    left = np.bincount(piece_chunk, minlength=n_chunks).tolist()
+    task_chunks = [
+        collections.Counter(piece_chunk[piece_at[b] : piece_at[b + 1]].tolist())
+        for b in range(n_tasks)
+    ]
+    need_upto = np.maximum.accumulate([max(c, default=-1) for c in task_chunks]).tolist()
+    padded = ~plan.inside
+    buffers: list[np.ndarray | None] = [None] * n_chunks
+    ahead_tiles = max_tiles_ahead or 8 * max(1, getattr(pool, "_max_workers", 1))
+    ahead = max(1, -(-ahead_tiles // TILES_PER_TASK))
+
+    def scatter(b: int) -> None:
+        out = tile_scratch(tile_h, tile_w)
+        for t in range(task_tiles[b], task_tiles[b + 1]):
+            tile = slide.read_tile(level, cols[t], rows[t], out=out)
+            for j, k, sy, sx, h, w, dy, dx in pieces[start[t] : start[t + 1]]:
+                buffers[j][k, dy : dy + h, dx : dx + w] = tile[sy : sy + h, sx : sx + w]
+
+    opened = 0  # chunks [0, opened) have buffers
+    done_upto = 0  # chunks [0, done_upto) were yielded
+
+    def open_upto(j_last: int) -> None:
+        nonlocal opened
+        while opened <= j_last:
+            s, e = opened * chunk_patches, min((opened + 1) * chunk_patches, n)
+            buf = (
+                get_buffer(e - s)
+                if get_buffer is not None
+                else np.empty((e - s, patch_px, patch_px, 3), np.uint8)
+            )
+            for k in np.flatnonzero(padded[s:e]).tolist():  # patches past the level edge
+                buf[k].fill(PAD_VALUE)
+            buffers[opened] = buf
+            opened += 1
+
+    pending: collections.deque[tuple[int, Future]] = collections.deque()
+    try:
+        for b in range(n_tasks + 1):
+            if b < n_tasks:
+                open_upto(need_upto[b])
+                pending.append((b, pool.submit(scatter, b)))
+            # collect finished tasks (oldest first; all of them once everything is submitted)
+            while pending and (b == n_tasks or len(pending) >= ahead or pending[0][1].done()):
+                bb, fut = pending.popleft()
+                fut.result()
+                for j, cnt in task_chunks[bb].items():
+                    left[j] -= cnt
+                while done_upto < opened and left[done_upto] == 0:
+                    buf, buffers[done_upto] = buffers[done_upto], None
+                    yield done_upto * chunk_patches, buf
+                    done_upto += 1
+        open_upto(n_chunks - 1)  # chunks no tile touches (all their patches past the edge)
+        while done_upto < n_chunks:
+            buf, buffers[done_upto] = buffers[done_upto], None
+            yield done_upto * chunk_patches, buf
+            done_upto += 1
+    finally:
+        for _, fut in pending:
+            fut.cancel()
+        for _, fut in pending:  # no task may write into a buffer after we return
+            if not fut.cancelled():
+                fut.exception()
 
 
 def _pending(blocks: dict[int, Future]) -> int:

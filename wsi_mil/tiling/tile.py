@@ -54,6 +54,8 @@ log = logging.getLogger(__name__)
 TILING_VERSION = 1
 #: patches per zarr chunk of ``pixels`` (each written as one file, in parallel)
 CHUNK_PATCHES = 64
+#: longest side of the QC PNG in ``W/masks/`` (px)
+QC_MAX_PX = 1024
 
 
 def patches_dir(work: str | Path) -> Path:
@@ -234,7 +236,7 @@ def _build_store(
     level_xy = grid_level_xy(lw, lh, choice.stride_level)
     level0_xy = level_to_level0_xy(level_xy, choice.level_downsample)
 
-    thumb = slide.thumbnail(cfg.thumbnail_px)
+    thumb = slide.thumbnail(cfg.thumbnail_px, pool=pool)
     mask = tissue_mask(thumb, cfg.tissue)
     scale = (w0 / thumb.shape[1], h0 / thumb.shape[0])
     if cfg.tissue == "none":
@@ -329,16 +331,20 @@ def _write_pixels(
     own_pool = pool is None
     pool = pool or ThreadPoolExecutor(available_cpus(), thread_name_prefix="tile-read")
     p = choice.patch_px
-    # chunk buffers recycled between cutting (this thread) and encoding + writing (the
+    # chunk buffers recycled between filling (the read pool) and encoding + writing (the
     # writer's pool): fresh memory for every chunk would cost page faults on every chunk.
-    # Page-aligned, so chunk files can be written with O_DIRECT straight from them.
-    free: queue.Queue = queue.Queue()
-    for _ in range(2 * available_cpus() + 2):
-        free.put(aligned_empty((CHUNK_PATCHES, p, p, 3)))
+    # Page-aligned, so chunk files can be written with O_DIRECT straight from them. As many
+    # exist as chunks are open at once (about two rows of patches) plus the writes allowed
+    # in flight.
+    free: queue.SimpleQueue = queue.SimpleQueue()
     lent: dict[int, np.ndarray] = {}  # address -> recycled buffer a chunk was cut into
+    max_writes = 2 * available_cpus() + 2
 
     def get_buffer(n: int) -> np.ndarray:
-        buf = free.get()  # waits for a write to finish when all buffers are in flight
+        try:
+            buf = free.get_nowait()
+        except queue.Empty:
+            buf = aligned_empty((CHUNK_PATCHES, p, p, 3))
         lent[buf.ctypes.data] = buf
         return buf[:n]
 
@@ -360,8 +366,9 @@ def _write_pixels(
             fut = writer.write_chunk_async(start, arr)
             fut.add_done_callback(lambda _, buf=buf: free.put(buf))
             in_flight.append(fut)
-            while in_flight and in_flight[0].done():
-                in_flight.popleft().result()  # raises a failed write here, early
+            # raises a failed write here, early; waits when the writer falls behind
+            while in_flight and (in_flight[0].done() or len(in_flight) > max_writes):
+                in_flight.popleft().result()
             bar.update(len(arr))
         while in_flight:
             in_flight.popleft().result()
@@ -379,9 +386,19 @@ def write_mask_png(
     choice: LevelChoice,
     level0_per_thumb_px: tuple[float, float],
 ) -> None:
-    """QC image: thumbnail, tissue tinted green, outlines of kept patches in blue (atomic write)."""
+    """QC image: thumbnail, tissue tinted green, outlines of kept patches in blue (atomic write).
+
+    Drawn at most :data:`QC_MAX_PX` a side (the thumbnail box-reduced by an integer factor):
+    enough to judge the mask, and a fraction of the PNG size and time of the full thumbnail.
+    """
     from PIL import Image, ImageDraw
 
+    f = -(-max(thumb.shape[:2]) // QC_MAX_PX)
+    if f > 1:
+        thumb = np.asarray(Image.fromarray(thumb).reduce(f))
+        mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).reduce(f)) >= 128
+        sx, sy = level0_per_thumb_px
+        level0_per_thumb_px = (sx * f, sy * f)
     tinted = thumb.astype(np.uint16) * 7
     tinted[..., 1] += 600
     tinted //= 10  # 70 % thumbnail + 30 % green

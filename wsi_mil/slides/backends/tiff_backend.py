@@ -59,6 +59,9 @@ class _Level:
     photometric: int
     alpha: str | None
     colormap: np.ndarray | None
+    #: (jpegtables, colorspace, outcolorspace) when tiles are 8-bit 3-sample JPEG that
+    #: :meth:`TiffSlide.read_tile` decodes straight into the caller's buffer; else None
+    jpeg: tuple[bytes | None, Any, Any] | None = None
 
 
 def _segment_extents_ok(page: Any, file_size: int) -> bool:
@@ -218,6 +221,23 @@ class TiffSlide(Slide):
                 int(min(page.rowsperstrip or page.imagelength, page.imagelength)),
             )
         w, h = int(page.imagewidth), int(page.imagelength)
+        jpeg = None
+        if (
+            page.is_tiled
+            and len(pages) == 1
+            and int(page.compression) == 7
+            and spp == 3
+            and int(page.bitspersample) == 8
+            and photometric in (2, 6)
+            and int(page.planarconfig) == 1
+            and not page.extrasamples
+        ):
+            with contextlib.suppress(ImportError, Exception):
+                from tifffile.tifffile import jpeg_decode_colorspace
+
+                # the same colour spaces tifffile's own decoder uses, so pixels are identical
+                cs, ocs = jpeg_decode_colorspace(photometric, 1, (), bool(page.is_jfif))
+                jpeg = (page.jpegtables, cs, ocs)
         return _Level(
             width=w,
             height=h,
@@ -233,6 +253,7 @@ class TiffSlide(Slide):
             photometric=photometric,
             alpha=alpha,
             colormap=colormap,
+            jpeg=jpeg,
         )
 
     def _find_mpp(self, series: Any) -> float | None:
@@ -279,6 +300,50 @@ class TiffSlide(Slide):
                     y0 - ty : y1 - ty, x0 - tx : x1 - tx
                 ]
         return out
+
+    def read_tile(
+        self, level: int, col: int, row: int, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Native tile, decoded without the LRU cache (tiling reads each tile once).
+
+        8-bit RGB/YCbCr JPEG tiles are decoded by libjpeg-turbo straight into ``out`` when
+        it is given with the tile's shape: no allocation and no copy per tile.
+        """
+        self._check_level(level)
+        lv = self._levels[level]
+        if not lv.tiled:
+            return super().read_tile(level, col, row, out)
+        seg = row * lv.n_across + col
+        try:
+            if lv.jpeg is not None and out is not None and out.shape == (lv.seg_h, lv.seg_w, 3):
+                page = lv.pages[0]
+                offset, count = page.dataoffsets[seg], page.databytecounts[seg]
+                if offset and count:
+                    import imagecodecs
+
+                    data = os.pread(self._fd, count, offset)
+                    if len(data) < count:
+                        raise SlideError(
+                            f"{self.path}: tile {seg} is truncated",
+                            "the file may be truncated or corrupt",
+                        )
+                    tables, cs, ocs = lv.jpeg
+                    return imagecodecs.jpeg_decode(
+                        data,
+                        bitspersample=8,
+                        tables=tables,
+                        colorspace=cs,
+                        outcolorspace=ocs,
+                        shape=(lv.seg_h, lv.seg_w),
+                        out=out,
+                    )
+            return self._decode_tile(lv, seg)
+        except SlideError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any decoder failure is a bad slide, not a bug
+            raise SlideError(
+                f"{self.path}: cannot decode level {level} tile ({col}, {row}): {first_line(e)}"
+            ) from None
 
     def _tile(self, level: int, lv: _Level, row: int, col: int) -> np.ndarray:
         """Decoded (seg_h, seg_w, 3) uint8 RGB tile (edge tiles padded), via the LRU cache."""
