@@ -27,6 +27,14 @@ class TileGrid:
     tile_h: int
 
 
+def thumbnail_size(level0_size: tuple[int, int], max_size_px: int) -> tuple[int, int]:
+    """(width, height) of :meth:`Slide.thumbnail` ``(max_size_px)`` of a slide of ``level0_size``
+    (width, height) px: longest side <= ``max_size_px``, aspect kept, never upscaled."""
+    w0, h0 = (max(1, int(v)) for v in level0_size)
+    scale = max(1.0, max(w0, h0) / max(1, int(max_size_px)))
+    return max(1, int(round(w0 / scale))), max(1, int(round(h0 / scale)))
+
+
 class Slide(abc.ABC):
     """A multi-resolution image. Subclasses fill the abstract members; the rest is shared."""
 
@@ -170,7 +178,7 @@ class Slide(abc.ABC):
 
         w0, h0 = self.dimensions
         scale = max(1.0, max(w0, h0) / max(1, int(max_size_px)))
-        tw, th = max(1, int(round(w0 / scale))), max(1, int(round(h0 / scale)))
+        tw, th = thumbnail_size((w0, h0), max_size_px)
         level = self.get_best_level_for_downsample(scale)
         lw, lh = self.level_dimensions[level]
         k = max(1, int(min(lw / tw, lh / th)))  # integer pre-reduction factor, keeps >= target size

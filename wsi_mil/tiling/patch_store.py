@@ -332,6 +332,8 @@ class PatchStoreWriter:
                 chunks=(max(1, min(self.chunk_patches, n)), p, p, 3),
                 dtype="uint8",
                 fill_value=255,
+                # chunk files c.<i>.0.0.0 side by side: no directory to create per chunk
+                chunk_key_encoding={"name": "default", "separator": "."},
                 **kw,
             )
         self.group.attrs.update(self.attrs)
@@ -398,9 +400,7 @@ class PatchStoreWriter:
             aligned[:] = block.reshape(-1)
             block = aligned
         data = encode_chunk(block, self.compressors)
-        d = Path(self.tmp) / "pixels" / "c" / str(index) / "0" / "0"
-        d.mkdir(parents=True, exist_ok=True)
-        write_new_file(d / "0", data)
+        write_new_file(Path(self.tmp) / "pixels" / f"c.{index}.0.0.0", data)
 
     def commit(self) -> None:
         if self._encoder is not None:

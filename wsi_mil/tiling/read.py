@@ -334,9 +334,11 @@ def iter_patch_chunks(
             f.cancel()
 
 
+#: tiles submitted to the read pool ahead of the oldest unfinished one, per worker
+AHEAD_TILES_PER_WORKER = 32
 #: native tiles decoded + scattered per task of the read pool (fewer, larger tasks: a
 #: future per tile cost ~10 % of the CPU in GIL hand-offs)
-TILES_PER_TASK = 8
+TILES_PER_TASK = 16
 
 
 def _iter_scatter(
@@ -376,7 +378,9 @@ def _iter_scatter(
     need_upto = np.maximum.accumulate([max(c, default=-1) for c in task_chunks]).tolist()
     padded = ~plan.inside
     buffers: list[np.ndarray | None] = [None] * n_chunks
-    ahead_tiles = max_tiles_ahead or 8 * max(1, getattr(pool, "_max_workers", 1))
+    ahead_tiles = max_tiles_ahead or AHEAD_TILES_PER_WORKER * max(
+        1, getattr(pool, "_max_workers", 1)
+    )
     ahead = max(1, -(-ahead_tiles // TILES_PER_TASK))
 
     def scatter(b: int) -> None:

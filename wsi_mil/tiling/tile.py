@@ -33,6 +33,7 @@ from wsi_mil.batch import (
 )
 from wsi_mil.config import TileConfig, save_resolved
 from wsi_mil.errors import ConfigError, SlideError, StoreError
+from wsi_mil.slides.base import thumbnail_size
 from wsi_mil.tiling.grid import LevelChoice, choose_level, grid_level_xy, level_to_level0_xy
 from wsi_mil.tiling.patch_store import (
     COMPRESSIONS,
@@ -236,28 +237,33 @@ def _build_store(
     level_xy = grid_level_xy(lw, lh, choice.stride_level)
     level0_xy = level_to_level0_xy(level_xy, choice.level_downsample)
 
-    thumb = slide.thumbnail(cfg.thumbnail_px, pool=pool)
-    mask = tissue_mask(thumb, cfg.tissue)
-    scale = (w0 / thumb.shape[1], h0 / thumb.shape[0])
+    tw, th = thumbnail_size((w0, h0), cfg.thumbnail_px)
+    scale = (w0 / tw, h0 / th)  # level-0 px per thumbnail px
     if cfg.tissue == "none":
+        # no mask to compute: the thumbnail is only needed for the QC image, made beside the pixels
+        thumb = mask = None
         tissue = inside_fraction(level0_xy, choice.patch_px_level0, w0, h0)
         keep = np.ones(len(level0_xy), bool)
     else:
+        thumb = slide.thumbnail(cfg.thumbnail_px, pool=pool)
+        mask = tissue_mask(thumb, cfg.tissue)
         tissue = patch_tissue_fraction(mask, scale, level0_xy, choice.patch_px_level0)
         keep = tissue >= cfg.min_tissue
     level_xy, level0_xy, tissue = level_xy[keep], level0_xy[keep], tissue[keep]
-    attrs = _store_attrs(cfg, sid, path, slide, choice, fingerprint, digest, thumb.shape)
+    attrs = _store_attrs(cfg, sid, path, slide, choice, fingerprint, digest, (th, tw))
+
+    def qc_png(thumb: np.ndarray | None, mask: np.ndarray | None) -> None:
+        qc_scale = scale
+        if thumb is None:  # --tissue none: a thumbnail the size of the QC image will do
+            thumb = slide.thumbnail(min(cfg.thumbnail_px, QC_MAX_PX))
+            mask = tissue_mask(thumb, cfg.tissue)
+            qc_scale = (w0 / thumb.shape[1], h0 / thumb.shape[0])
+        path = masks_dir(cfg.work) / f"{sid}.png"
+        write_mask_png(path, thumb, mask, level0_xy, choice, qc_scale)
+
     # the QC PNG (serial numpy + zlib work) is drawn while the pixels are read and written
     with ThreadPoolExecutor(1, thread_name_prefix="tile-qc") as qc:
-        png = qc.submit(
-            write_mask_png,
-            masks_dir(cfg.work) / f"{sid}.png",
-            thumb,
-            mask,
-            level0_xy,
-            choice,
-            scale,
-        )
+        png = qc.submit(qc_png, thumb, mask)
         with PatchStoreWriter(
             final,
             level0_xy,
@@ -282,7 +288,7 @@ def _store_attrs(
     choice: LevelChoice,
     fingerprint: dict | None,
     digest: str,
-    thumb_shape: tuple[int, ...],
+    thumb_shape: tuple[int, int],
 ) -> dict[str, Any]:
     w0, h0 = slide.dimensions
     lw, lh = slide.level_dimensions[choice.level]

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from wsi_mil.slides.base import thumbnail_size  # noqa: F401 - part of this module's API
+
 BLUE = (0, 0, 255)
 MARKER_GREEN = (0, 200, 0)
 TOPK_HIT = (0, 170, 0)
@@ -23,13 +25,6 @@ TOPK_MISS = (200, 40, 40)
 
 
 # ---------------------------------------------------------------- geometry
-def thumbnail_size(level0_size: tuple[int, int], max_size_px: int) -> tuple[int, int]:
-    """(width, height) of a thumbnail whose longest side is <= ``max_size_px`` (as Slide.thumbnail)."""
-    w0, h0 = (max(1, int(v)) for v in level0_size)
-    scale = max(1.0, max(w0, h0) / max(1, int(max_size_px)))
-    return max(1, int(round(w0 / scale))), max(1, int(round(h0 / scale)))
-
-
 def patch_boxes_thumb(
     coords_level0: np.ndarray,
     patch_size_level0: int,
