@@ -328,15 +328,18 @@ class TiffSlide(Slide):
                             "the file may be truncated or corrupt",
                         )
                     tables, cs, ocs = lv.jpeg
-                    return imagecodecs.jpeg_decode(
-                        data,
-                        bitspersample=8,
-                        tables=tables,
-                        colorspace=cs,
-                        outcolorspace=ocs,
-                        shape=(lv.seg_h, lv.seg_w),
-                        out=out,
-                    )
+                    # a tile this cannot decode in place (odd JPEG dimensions, say) goes the
+                    # general way below, which raises if the tile is really broken
+                    with contextlib.suppress(Exception):
+                        return imagecodecs.jpeg_decode(
+                            data,
+                            bitspersample=8,
+                            tables=tables,
+                            colorspace=cs,
+                            outcolorspace=ocs,
+                            shape=(lv.seg_h, lv.seg_w),
+                            out=out,
+                        )
             return self._decode_tile(lv, seg)
         except SlideError:
             raise
