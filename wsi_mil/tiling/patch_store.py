@@ -336,7 +336,7 @@ class PatchStoreWriter:
                 chunk_key_encoding={"name": "default", "separator": "."},
                 **kw,
             )
-        self.group.attrs.update(self.attrs)
+        self.group.update_attributes(self.attrs)  # one metadata write, not one per key
         return self
 
     def write_pixels(self, start: int, arr: np.ndarray) -> None:
