@@ -30,6 +30,9 @@ from wsi_mil.slides.base import PAD_VALUE, Slide
 
 #: blocks are at least this many px wide/high (small native tiles are grouped)
 MIN_BLOCK_PX = 256
+#: native tiles smaller than this go through the block path, which groups them: scattering
+#: them one by one would cost a task piece per ~(patch / tile)^2 and much Python per pixel
+MIN_SCATTER_TILE_PX = 64
 #: block side for untiled images (strip TIFFs, PNG/JPEG, in-memory images)
 UNTILED_BLOCK_PX = 512
 
@@ -255,7 +258,11 @@ def iter_patch_chunks(
     if n == 0:
         return
     grid = slide.tile_grid(level)
-    if grid is not None and patch_px_level == patch_px:
+    if (
+        grid is not None
+        and patch_px_level == patch_px
+        and min(grid.tile_w, grid.tile_h) >= MIN_SCATTER_TILE_PX
+    ):
         yield from _iter_scatter(
             slide,
             level,
@@ -367,7 +374,10 @@ def _iter_scatter(
     cols, rows = plan.tile_col.tolist(), plan.tile_row.tolist()
     start = plan.start.tolist()
     piece_chunk = plan.patch // chunk_patches
-    pieces = np.column_stack([piece_chunk, plan.patch % chunk_patches, plan.src, plan.dst]).tolist()
+    # (M, 8) per piece: chunk, patch in chunk, src y x h w, dst y x; made python ints per task
+    pieces = np.column_stack([piece_chunk, plan.patch % chunk_patches, plan.src, plan.dst]).astype(
+        np.int32
+    )
     # pieces each chunk waits for; chunks each task fills (its last one must have a buffer
     # before the task starts)
     left = np.bincount(piece_chunk, minlength=n_chunks).tolist()
@@ -385,9 +395,11 @@ def _iter_scatter(
 
     def scatter(b: int) -> None:
         out = tile_scratch(tile_h, tile_w)
+        p0 = int(piece_at[b])
+        mine = pieces[p0 : piece_at[b + 1]].tolist()
         for t in range(task_tiles[b], task_tiles[b + 1]):
             tile = slide.read_tile(level, cols[t], rows[t], out=out)
-            for j, k, sy, sx, h, w, dy, dx in pieces[start[t] : start[t + 1]]:
+            for j, k, sy, sx, h, w, dy, dx in mine[start[t] - p0 : start[t + 1] - p0]:
                 buffers[j][k, dy : dy + h, dx : dx + w] = tile[sy : sy + h, sx : sx + w]
 
     opened = 0  # chunks [0, opened) have buffers
