@@ -107,6 +107,57 @@ def check_tiff_extents(path: Path) -> None:
         ) from None
 
 
+JpegCodec = tuple[bytes | None, Any, Any]  # (jpegtables, colorspace, outcolorspace)
+
+
+def jpeg_tile_codec(page: Any) -> JpegCodec | None:
+    """How :func:`decode_jpeg_tile` decodes ``page``'s tiles, or None if it cannot.
+
+    Only tiled pages of 8-bit, 3-sample, contiguous RGB/YCbCr JPEG without extra samples.
+    """
+    try:
+        if not (
+            page.is_tiled
+            and int(page.compression) == 7
+            and int(page.samplesperpixel) == 3
+            and int(page.bitspersample) == 8
+            and int(page.photometric) in (2, 6)
+            and int(page.planarconfig) == 1
+            and not page.extrasamples
+        ):
+            return None
+        from tifffile.tifffile import jpeg_decode_colorspace
+
+        # the same colour spaces tifffile's own decoder uses, so pixels are identical
+        cs, ocs = jpeg_decode_colorspace(int(page.photometric), 1, (), bool(page.is_jfif))
+        return (page.jpegtables, cs, ocs)
+    except Exception:  # noqa: BLE001 - no fast path, the general decoder still applies
+        return None
+
+
+def decode_jpeg_tile(data: bytes, codec: JpegCodec, out: np.ndarray) -> np.ndarray | None:
+    """Decode one JPEG tile (its TIFF segment bytes) straight into ``out`` and return ``out``.
+
+    ``out``: (tile_h, tile_w, 3) uint8, C-contiguous. None when libjpeg-turbo refuses the tile
+    (odd JPEG dimensions, corrupt data): the caller then takes its general path.
+    """
+    import imagecodecs
+
+    tables, cs, ocs = codec
+    try:
+        return imagecodecs.jpeg_decode(
+            data,
+            bitspersample=8,
+            tables=tables,
+            colorspace=cs,
+            outcolorspace=ocs,
+            shape=out.shape[:2],
+            out=out,
+        )
+    except Exception:  # noqa: BLE001
+        return None
+
+
 def openslide_vendor(path: Path) -> str | None:
     """OpenSlide's format name for ``path`` ("generic-tiff", "aperio", ...) or None."""
     try:
@@ -221,23 +272,7 @@ class TiffSlide(Slide):
                 int(min(page.rowsperstrip or page.imagelength, page.imagelength)),
             )
         w, h = int(page.imagewidth), int(page.imagelength)
-        jpeg = None
-        if (
-            page.is_tiled
-            and len(pages) == 1
-            and int(page.compression) == 7
-            and spp == 3
-            and int(page.bitspersample) == 8
-            and photometric in (2, 6)
-            and int(page.planarconfig) == 1
-            and not page.extrasamples
-        ):
-            with contextlib.suppress(ImportError, Exception):
-                from tifffile.tifffile import jpeg_decode_colorspace
-
-                # the same colour spaces tifffile's own decoder uses, so pixels are identical
-                cs, ocs = jpeg_decode_colorspace(photometric, 1, (), bool(page.is_jfif))
-                jpeg = (page.jpegtables, cs, ocs)
+        jpeg = jpeg_tile_codec(page) if len(pages) == 1 else None
         return _Level(
             width=w,
             height=h,
@@ -319,27 +354,17 @@ class TiffSlide(Slide):
                 page = lv.pages[0]
                 offset, count = page.dataoffsets[seg], page.databytecounts[seg]
                 if offset and count:
-                    import imagecodecs
-
                     data = os.pread(self._fd, count, offset)
                     if len(data) < count:
                         raise SlideError(
                             f"{self.path}: tile {seg} is truncated",
                             "the file may be truncated or corrupt",
                         )
-                    tables, cs, ocs = lv.jpeg
                     # a tile this cannot decode in place (odd JPEG dimensions, say) goes the
                     # general way below, which raises if the tile is really broken
-                    with contextlib.suppress(Exception):
-                        return imagecodecs.jpeg_decode(
-                            data,
-                            bitspersample=8,
-                            tables=tables,
-                            colorspace=cs,
-                            outcolorspace=ocs,
-                            shape=(lv.seg_h, lv.seg_w),
-                            out=out,
-                        )
+                    tile = decode_jpeg_tile(data, lv.jpeg, out)
+                    if tile is not None:
+                        return tile
             return self._decode_tile(lv, seg)
         except SlideError:
             raise
