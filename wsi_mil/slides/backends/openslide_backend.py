@@ -173,7 +173,7 @@ class OpenSlideSlide(Slide):
         return decode_jpeg_tile(data, fast.codec, out)
 
     def _setup_fast_level(self, level: int) -> _FastLevel | None:
-        """Find and verify ``level``'s fast path once (thread-safe); None where it does not apply."""
+        """Find and verify ``level``'s fast path once (thread-safe); None if it does not apply."""
         with self._fast_lock:
             if level in self._fast:
                 return self._fast[level]
@@ -297,7 +297,7 @@ class OpenSlideSlide(Slide):
 
 
 def _tiles_equal(fast: np.ndarray, ref: np.ndarray) -> bool:
-    """Whether a directly decoded tile equals OpenSlide's; the seam tests use to force a mismatch."""
+    """Whether a directly decoded tile equals OpenSlide's (the seam tests use for a mismatch)."""
     return bool(np.array_equal(fast, ref))
 
 
