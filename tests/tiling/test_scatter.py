@@ -191,9 +191,19 @@ class ReadSpy:
         self.slide.read_tile = self.orig
 
 
-def _pyramid_tiff(path: Path, img: np.ndarray, tile_hw: tuple[int, int], compression: str):
-    """Generic tiled pyramidal TIFF (levels as IFDs, OpenSlide's generic-tiff) with
-    ``tile_hw`` = (tile_h, tile_w) tiles, possibly non-square."""
+#: ImageDescription that makes OpenSlide read a TIFF as Aperio SVS
+APERIO = "Aperio Image Library v10.0.0\n332x204 (256x256) JPEG/RGB Q=90|AppMag = 20|MPP = 0.5"
+
+
+def _pyramid_tiff(
+    path: Path,
+    img: np.ndarray,
+    tile_hw: tuple[int, int],
+    compression: str,
+    description: str | None = None,
+) -> Path:
+    """Tiled pyramidal TIFF (levels as IFDs: OpenSlide's generic-tiff, or Aperio with
+    ``description``) with ``tile_hw`` = (tile_h, tile_w) tiles, possibly non-square."""
     import tifffile
 
     kw = {"compressionargs": {"level": 90}} if compression == "jpeg" else {}
@@ -206,6 +216,7 @@ def _pyramid_tiff(path: Path, img: np.ndarray, tile_hw: tuple[int, int], compres
                 compression=compression,
                 subfiletype=1 if i else 0,
                 metadata=None,
+                description=description if i == 0 else None,
                 resolution=(2e4 / 2**i, 2e4 / 2**i),
                 resolutionunit="CENTIMETER",
                 **kw,
@@ -289,8 +300,13 @@ SLIDES = {
         "openslide",
         True,
     ),
-    "openslide-jpeg-128": (
-        lambda d, im: make_pyramidal_tiff(d / "i.tif", im, N_LEVELS, 128, 0.5, "jpeg"),
+    "openslide-jpeg-64": (
+        lambda d, im: make_pyramidal_tiff(d / "i.tif", im, N_LEVELS, 64, 0.5, "jpeg"),
+        "openslide",
+        False,
+    ),
+    "openslide-aperio-jpeg-96x64": (
+        lambda d, im: _pyramid_tiff(d / "k.svs", im, (64, 96), "jpeg", APERIO),
         "openslide",
         False,
     ),
@@ -591,6 +607,103 @@ def test_openslide_fractional_downsample(tmp_path, image, pools):
         xy = grid_level_xy(*slide.level_dimensions[1], 40)
         got = _collect(slide, 1, xy, 48, 7, pools[3])
         np.testing.assert_array_equal(got, _reference(slide, 1, xy, 48))
+
+
+#: other sample layouts (no in-place JPEG decode: read_tile's general path)
+VARIANTS = {
+    "tiff-planar": lambda d, im: make_pyramidal_tiff(
+        d / "p.tif", im, N_LEVELS, 64, 0.5, "zlib", planar=True
+    ),
+    "tiff-alpha-ome": lambda d, im: make_pyramidal_tiff(
+        d / "q.ome.tif", im, N_LEVELS, 96, 0.5, "zlib", ome=True, extra_alpha=True
+    ),
+    "tiff-gray": lambda d, im: make_pyramidal_tiff(d / "r.tif", im[..., 1], N_LEVELS, 64),
+    "zarr-tczyx": lambda d, im: make_ome_zarr(
+        d / "s.ome.zarr", im, N_LEVELS, 80, 0.5, "0.5", axes="tczyx"
+    ),
+    "zarr-yxc": lambda d, im: make_ome_zarr(d / "t.ome.zarr", im, N_LEVELS, 64, axes="yxc"),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("level", [0, 1])
+def test_sample_layouts(monkeypatch, tmp_path, image, variant, level):
+    path = VARIANTS[variant](tmp_path, image)
+    with open_slide(path) as slide:
+        assert slide.tile_grid(level) is not None
+        xy = _coords("sparse", *slide.level_dimensions[level], 64, 41, seed=level)
+        _check_iter(monkeypatch, slide, level, xy, 64, (7, 3, None, True, 3))
+
+
+def _replace_tile(path: Path, page_index: int, tile_index: int, data: bytes) -> Path:
+    """Point tile ``tile_index`` of page ``page_index`` of a classic TIFF at ``data``
+    (appended to the file); empty ``data``: a sparse (missing) tile."""
+    import struct
+
+    import tifffile
+
+    with tifffile.TiffFile(path) as tf:
+        assert not tf.is_bigtiff
+        page = tf.pages[page_index]
+        at = [page.tags[k].valueoffset + 4 * tile_index for k in ("TileOffsets", "TileByteCounts")]
+    raw = bytearray(path.read_bytes())
+    struct.pack_into("<I", raw, at[0], len(raw) if data else 0)
+    struct.pack_into("<I", raw, at[1], len(data))
+    path.write_bytes(bytes(raw + data))
+    return path
+
+
+@pytest.mark.parametrize("backend", ["tiff", "openslide"])
+@pytest.mark.parametrize("tile", ["sparse", "rgb-coded"])
+def test_odd_jpeg_tiles(tmp_path, even_image, pools, backend, tile):
+    """A missing tile (white) and a tile JPEG-coded as RGB in a YCbCr page: equal to
+    read_region (the in-place decoder and the general decoder must agree)."""
+    import imagecodecs
+
+    path = make_pyramidal_tiff(tmp_path / "o.tif", even_image, N_LEVELS, 64, 0.5, "jpeg")
+    # level 0: 6 x 4 tiles of 64 px; tile 8 = (col 2, row 1)
+    data = b""
+    if tile == "rgb-coded":
+        data = imagecodecs.jpeg_encode(even_image[64:128, 128:192], level=90, colorspace="rgb")
+    _replace_tile(path, 0, 8, data)
+    with open_slide(path, backend=backend) as slide:
+        xy = grid_level_xy(*slide.level_dimensions[0], 40)
+        got = _collect(slide, 0, xy, 64, 7, pools[3], recycler=Recycler(7, 64))
+        np.testing.assert_array_equal(got, _reference(slide, 0, xy, 64))
+        if tile == "sparse":  # the missing tile is white
+            assert (got[np.flatnonzero((xy == [120, 80]).all(1))[0], :8, 8:16] == PAD_VALUE).all()
+
+
+@pytest.mark.parametrize("backend", ["tiff", "openslide"])
+def test_jpeg_tile_of_the_wrong_size(tmp_path, even_image, pools, backend):
+    """A tile whose JPEG is 48 px high in a 64 px grid: the in-place decoder refuses it and
+    the general path reports a SlideError naming the file (both backends)."""
+    import imagecodecs
+
+    path = make_pyramidal_tiff(tmp_path / "w.tif", even_image, N_LEVELS, 64, 0.5, "jpeg")
+    _replace_tile(path, 0, 8, imagecodecs.jpeg_encode(even_image[64:112, 128:192], level=90))
+    with open_slide(path, backend=backend) as slide:
+        xy = grid_level_xy(*slide.level_dimensions[0], 64)
+        with pytest.raises(SlideError, match=str(path)):
+            _collect(slide, 0, xy, 64, 7, pools[1])
+
+
+@pytest.mark.parametrize("ahead", [1, None])
+def test_open_buffers_bounded_for_row_major_coords(many_tiles_slide, pools, ahead):
+    """Row-major coordinates (what tiling passes): chunk buffers open at once stay about
+    two rows of patches plus the read-ahead, not the whole slide."""
+    with open_slide(many_tiles_slide, backend="tiff") as slide:
+        lw, lh = slide.level_dimensions[0]
+        xy = grid_level_xy(lw, lh, 32)  # 24 patches per row, 576 in all
+        rec = Recycler(8, 64)
+        _collect(slide, 0, xy, 64, 8, pools[3], ahead, rec)
+        per_row = -(-lw // 32)
+        ahead_tiles = ahead or read_mod.AHEAD_TILES_PER_WORKER * 3
+        tile_rows_ahead = -(-ahead_tiles // (lw // 64)) + 1
+        patch_rows = (tile_rows_ahead + 1) * 2 + 2  # stride 32 = 2 patch rows per tile row
+        bound = -(-patch_rows * per_row // 8) + 1
+        assert len(rec.handed) <= bound, (len(rec.handed), bound)
+        assert len(rec.handed) < len(xy) // 8
 
 
 # ---------------------------------------------------------------- early close, errors
