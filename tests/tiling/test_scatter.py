@@ -262,7 +262,7 @@ def even_image() -> np.ndarray:
 #: name -> (writer, backend, lossless); writer(dir, img) -> path; OpenSlide slides are
 #: written from the even-sized image
 SLIDES = {
-    "tiff-zlib-64": (lambda d, im: _pyramid_tiff(d / "a.tif", im, (64, 64), "zlib"), "tiff", 1),
+    "tiff-zlib-64": (lambda d, im: _pyramid_tiff(d / "a.tif", im, (64, 64), "zlib"), "tiff", True),
     "tiff-zlib-64x96": (
         lambda d, im: _pyramid_tiff(d / "b.tif", im, (64, 96), "zlib"),
         "tiff",
@@ -279,7 +279,9 @@ SLIDES = {
         False,
     ),
     "ome-subifd-160": (
-        lambda d, im: make_pyramidal_tiff(d / "e.ome.tif", im, N_LEVELS, 160, 0.5, "zlib", ome=1),
+        lambda d, im: make_pyramidal_tiff(
+            d / "e.ome.tif", im, N_LEVELS, 160, 0.5, "zlib", ome=True
+        ),
         "tiff",
         True,
     ),
@@ -310,7 +312,7 @@ SLIDES = {
         "openslide",
         False,
     ),
-    "tiff-zlib-16": (lambda d, im: _pyramid_tiff(d / "j.tif", im, (16, 16), "zlib"), "tiff", 1),
+    "tiff-zlib-16": (lambda d, im: _pyramid_tiff(d / "j.tif", im, (16, 16), "zlib"), "tiff", True),
 }
 
 
