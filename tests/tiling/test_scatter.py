@@ -597,15 +597,14 @@ def test_iteration_checker_is_not_vacuous(monkeypatch, slide_paths, image, break
             _check_iter(monkeypatch, slide, 0, xy, 70, (7, 3, None, True, 16), image)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="LIMITATION (OpenSlide, block path too): levels whose downsample is not an "
-    "integer are rendered at sub-pixel offsets, so tile-aligned reads != per-patch read_region",
-)
 def test_openslide_fractional_downsample(tmp_path, image, pools):
+    """OpenSlide renders levels whose downsample is not an integer at sub-pixel offsets, so
+    tile-aligned windows would differ from per-patch read_region: such levels are read
+    patch by patch (Slide.windows_exact), and still equal read_region."""
     path = _pyramid_tiff(tmp_path / "odd.tif", image, (64, 64), "zlib")  # 331 -> 165 px
     with open_slide(path, backend="openslide") as slide:
         assert slide.level_downsamples[1] != 2.0
+        assert not slide.windows_exact(1) and slide.windows_exact(0)
         xy = grid_level_xy(*slide.level_dimensions[1], 40)
         got = _collect(slide, 1, xy, 48, 7, pools[3])
         np.testing.assert_array_equal(got, _reference(slide, 1, xy, 48))
@@ -803,16 +802,11 @@ def jpeg_pair(tmp_path_factory) -> tuple[Path, Path]:
     return good, _corrupt_tile(good, d / "corrupt.tif", 1, 4)
 
 
-#: a corrupt tile read through OpenSlide leaves the handle in OpenSlide's sticky error state;
-#: the next read_tile (the default one, via tile_grid -> OpenSlide properties) then raises
-#: a raw OpenSlideError without the path. The fast-tile check of a level reads its largest
-#: tiles first, so even the first read_tile of a good tile raises it.
-OPENSLIDE_RAW_ERROR = pytest.mark.xfail(
-    strict=True,
-    reason="BUG: openslide backend: after a corrupt tile, read_tile raises a raw "
-    "OpenSlideError (no path, not SlideError) from tile_grid's property lookup",
-)
-CORRUPT_BACKENDS = ["tiff", pytest.param("openslide", marks=OPENSLIDE_RAW_ERROR)]
+#: a corrupt tile read through OpenSlide leaves the handle in OpenSlide's sticky error state,
+#: so every later call fails too: each must still raise a SlideError naming the file
+#: (was a raw OpenSlideError from tile_grid's property lookup; fixed by reading the tile
+#: grids when the slide is opened)
+CORRUPT_BACKENDS = ["tiff", "openslide"]
 
 
 @pytest.mark.parametrize("backend", CORRUPT_BACKENDS)

@@ -84,6 +84,13 @@ class Slide(abc.ABC):
         """Native tile size at ``level``, or None for strip/untiled/in-memory images."""
         return None
 
+    def windows_exact(self, level: int) -> bool:
+        """Whether any window of ``level`` has the same pixels however it is read: a patch
+        cut from tile-aligned windows equals a window read at the patch itself. False where
+        the backend resamples windows at sub-pixel offsets (OpenSlide levels whose
+        downsample is not an integer); tiling then reads such a level patch by patch."""
+        return True
+
     def read_tile(
         self, level: int, col: int, row: int, out: np.ndarray | None = None
     ) -> np.ndarray:

@@ -257,6 +257,11 @@ def iter_patch_chunks(
     n = len(xy)
     if n == 0:
         return
+    if not slide.windows_exact(level):
+        yield from _iter_per_patch(
+            slide, level, xy, patch_px_level, patch_px, chunk_patches, pool, get_buffer
+        )
+        return
     grid = slide.tile_grid(level)
     if (
         grid is not None
@@ -446,6 +451,47 @@ def _iter_scatter(
         for _, fut in pending:  # no task may write into a buffer after we return
             if not fut.cancelled():
                 fut.exception()
+
+
+def _iter_per_patch(
+    slide: Slide,
+    level: int,
+    xy: np.ndarray,
+    patch_px_level: int,
+    patch_px: int,
+    chunk_patches: int,
+    pool: ThreadPoolExecutor,
+    get_buffer: Callable[[int], np.ndarray] | None,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """:func:`iter_patch_chunks` by one window read per patch, for levels whose windows are
+    not exact (see ``Slide.windows_exact``): slow, but equal to ``read_region`` per patch."""
+    n = len(xy)
+    n_workers = max(1, getattr(pool, "_max_workers", 1))
+
+    def read(buf: np.ndarray, s: int, e: int, k0: int) -> None:
+        for i in range(s, e):
+            reg = slide.read_level_region(
+                level, int(xy[i, 0]), int(xy[i, 1]), patch_px_level, patch_px_level
+            )
+            buf[k0 + i - s] = reg if patch_px_level == patch_px else resize_rgb(reg, patch_px)
+
+    for s in range(0, n, chunk_patches):
+        e = min(s + chunk_patches, n)
+        buf = (
+            get_buffer(e - s)
+            if get_buffer is not None
+            else np.empty((e - s, patch_px, patch_px, 3), np.uint8)
+        )
+        step = -(-(e - s) // n_workers)
+        parts = [pool.submit(read, buf, a, min(a + step, e), a - s) for a in range(s, e, step)]
+        try:
+            for f in parts:
+                f.result()
+        finally:
+            for f in parts:  # no task may write into the buffer after we leave
+                if not f.cancel():
+                    f.exception()
+        yield s, buf
 
 
 def _pending(blocks: dict[int, Future]) -> int:

@@ -96,6 +96,8 @@ class OpenSlideSlide(Slide):
         self._native_mpp = _float(props.get("openslide.mpp-x"))
         self._dims = [(int(w), int(h)) for w, h in self._os.level_dimensions]
         self._ds = [float(d) for d in self._os.level_downsamples]
+        # read once: after a read error OpenSlide's handle fails every later call, properties too
+        self._grids = [_tile_grid(props, i) for i in range(len(self._dims))]
         # fast tile path, set up lazily: level -> verified _FastLevel or None (disabled)
         self._fast: dict[int, _FastLevel | None] = {}
         self._fast_candidates: dict[int, _FastLevel] | None = None
@@ -115,14 +117,13 @@ class OpenSlideSlide(Slide):
         return self._native_mpp
 
     def tile_grid(self, level: int) -> TileGrid | None:
-        p = self._os.properties
-        tw, th = (
-            p.get(f"openslide.level[{level}].tile-width"),
-            p.get(f"openslide.level[{level}].tile-height"),
-        )
-        if tw is None or th is None:
-            return None
-        return TileGrid(int(tw), int(th))
+        return self._grids[level]
+
+    def windows_exact(self, level: int) -> bool:
+        # _read_level asks OpenSlide for level-0 round(lx * ds), which OpenSlide maps back to
+        # the fractional x0 / ds and resamples unless ds is an integer
+        self._check_level(level)
+        return float(self._ds[level]).is_integer()
 
     def _read_level(self, level: int, lx: int, ly: int, w: int, h: int) -> np.ndarray:
         ds = self._ds[level]
@@ -145,10 +146,16 @@ class OpenSlideSlide(Slide):
         if fast is ...:
             fast = self._setup_fast_level(level)
         if fast is not None and 0 <= col < fast.n_across and 0 <= row < fast.n_down:
-            tile = self._decode_fast(fast, col, row, out)
+            try:
+                tile = self._decode_fast(fast, col, row, out)
+            except Exception as e:  # noqa: BLE001 - a decoder failure is a bad slide, not a bug
+                raise SlideError(
+                    f"{self.path}: cannot decode level {level} tile ({col}, {row}): {e}",
+                    "the file may be truncated or corrupt",
+                ) from None
             if tile is not None:
                 return tile
-        return super().read_tile(level, col, row, out)
+        return super().read_tile(level, col, row, out)  # read_level_region: SlideError on failure
 
     def _decode_fast(
         self, fast: _FastLevel, col: int, row: int, out: np.ndarray | None
@@ -294,6 +301,13 @@ class OpenSlideSlide(Slide):
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
             self.close()
+
+
+def _tile_grid(props: Any, level: int) -> TileGrid | None:
+    """Native tile size of ``level`` from OpenSlide's properties, or None when not reported."""
+    tw = props.get(f"openslide.level[{level}].tile-width")
+    th = props.get(f"openslide.level[{level}].tile-height")
+    return None if tw is None or th is None else TileGrid(int(tw), int(th))
 
 
 def _tiles_equal(fast: np.ndarray, ref: np.ndarray) -> bool:
