@@ -226,7 +226,9 @@ def write_ome_zarr(
             for tx, ty, tile in iter_tiles(spec, d, lw, lh, tile_px, pool, workers, progress):
                 w, h = min(tile_px, lw - tx), min(tile_px, lh - ty)
                 arr[:, ty : ty + h, tx : tx + w] = tile[:h, :w].transpose(2, 0, 1)
-    root.update_attributes(ngff_metadata(spec.slide_id, mpp, [d for d, _, _ in levels], zarr_format))
+    root.update_attributes(
+        ngff_metadata(spec.slide_id, mpp, [d for d, _, _ in levels], zarr_format)
+    )
 
 
 def write_image(

@@ -252,6 +252,9 @@ def iter_patch_chunks(
     ``get_buffer(n)``: returns an (n, patch_px, patch_px, 3) uint8 array (any content) to cut
     the next chunk into, so a caller can recycle a few buffers instead of touching fresh
     memory for every chunk; default: a new array per chunk.
+
+    Memory: with ``level_xy`` in row-major grid order (as tiling passes them) about two rows
+    of patches are open at once; unsorted coordinates can keep every chunk open.
     """
     xy = np.asarray(level_xy, np.int64).reshape(-1, 2)
     n = len(xy)
