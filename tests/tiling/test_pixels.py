@@ -173,3 +173,39 @@ def test_jpeg_tiles_decoded_into_the_buffer(tmp_path, colour):
         want = read_patches_from_slide(ref, store.coords, 0, 100, 100)
     np.testing.assert_array_equal(store.pixels(0, len(store)), want)
     assert (want[-1] == PAD_VALUE).all(axis=-1).any()  # the last patch is padded
+
+
+@pytest.mark.parametrize("case", ["openslide", "tiff-ome", "zarr-0.4"])
+@pytest.mark.parametrize("subchunk_patches", [1, 4, 16])
+def test_resized_patches_from_subchunks(monkeypatch, backend_slides, case, subchunk_patches):
+    """Patches read larger and resized (--mpp between levels) are scattered into level-
+    resolution sub-chunks and resized in the pool: every byte of the recycled (garbage-
+    filled) output buffers is written, chunks come in order, pixels equal read_region."""
+    import wsi_mil.tiling.read as read_mod
+
+    path, backend = backend_slides[case]
+    p_level, p_out, chunk = 50, 32, 16
+    monkeypatch.setattr(read_mod, "RESIZE_SUBCHUNK_BYTES", subchunk_patches * 3 * p_level**2)
+    pool_bufs = [np.full((chunk, p_out, p_out, 3), 77, np.uint8) for _ in range(64)]
+
+    def get_buffer(n):
+        buf = pool_bufs.pop()
+        buf.fill(77)
+        return buf[:n]
+
+    with open_slide(path, backend=backend) as slide:
+        from wsi_mil.tiling.grid import grid_level_xy
+
+        xy = grid_level_xy(*slide.level_dimensions[0], 37)  # overlapping, edge patches
+        with ThreadPoolExecutor(2) as pool:
+            chunks = list(
+                iter_patch_chunks(slide, 0, xy, p_level, p_out, chunk, pool, get_buffer=get_buffer)
+            )
+            assert [s for s, _ in chunks] == list(range(0, len(xy), chunk))
+            got = np.concatenate([a for _, a in chunks])
+            # closing the generator early leaves the pool usable
+            gen = iter_patch_chunks(slide, 0, xy, p_level, p_out, chunk, pool)
+            next(gen)
+            gen.close()
+            assert pool.submit(lambda: 1).result() == 1
+        np.testing.assert_array_equal(got, read_patches_from_slide(slide, xy, 0, p_out, p_level))

@@ -1,15 +1,18 @@
 """Reading patch pixels from a slide.
 
-Fast path (:func:`iter_patch_chunks`), for slides with a native tile grid when patches need
-no resizing: every native tile that any patch overlaps is decoded exactly once, in a thread
-pool, into that thread's reused scratch buffer (``Slide.read_tile``), and its pieces are
-copied straight into the chunk buffers of the patches that overlap it (a *scatter*) while
-the tile is still in the CPU cache. A chunk is yielded when every tile it needs is done.
-Memory: the chunks of about two rows of patches plus the read-ahead.
+Fast path (:func:`iter_patch_chunks`), for levels stored in native tiles of >= 64 px: every
+native tile that any patch overlaps is decoded exactly once, in a thread pool, into that
+thread's reused scratch buffer (``Slide.read_tile``), and its pieces are copied straight
+into the chunk buffers of the patches that overlap it (a *scatter*) while the tile is still
+in the CPU cache. A chunk is yielded when every tile it needs is done. Patches read larger
+and resized (``--mpp`` between levels) are scattered into level-resolution sub-chunks and
+resized in the pool. Memory: the chunks of about two rows of patches plus the read-ahead.
 
-Block path: the same, the other way round, for untiled images and for patches read at
-another size and resized: the level is cut into tile-aligned *blocks*, each read once, and
-patches are cut from them in order.
+Block path: the same, the other way round, for untiled images and small tiles: the level
+is cut into tile-aligned *blocks*, each read once, and patches are cut from them in order.
+
+Per-patch path: one window read per patch, for levels whose windows are not exact
+(``Slide.windows_exact``: OpenSlide levels with a non-integer downsample).
 
 Slow path (:func:`read_patches_from_slide`): one ``read_region`` per patch, used for
 coords-only stores and as the reference in tests.
@@ -26,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from wsi_mil.slides.base import PAD_VALUE, Slide
+from wsi_mil.slides.base import PAD_VALUE, Slide, TileGrid
 
 #: blocks are at least this many px wide/high (small native tiles are grouped)
 MIN_BLOCK_PX = 256
@@ -266,23 +269,33 @@ def iter_patch_chunks(
         )
         return
     grid = slide.tile_grid(level)
-    if (
-        grid is not None
-        and patch_px_level == patch_px
-        and min(grid.tile_w, grid.tile_h) >= MIN_SCATTER_TILE_PX
-    ):
-        yield from _iter_scatter(
-            slide,
-            level,
-            xy,
-            patch_px,
-            chunk_patches,
-            pool,
-            grid.tile_w,
-            grid.tile_h,
-            max_blocks_ahead,
-            get_buffer,
-        )
+    if grid is not None and min(grid.tile_w, grid.tile_h) >= MIN_SCATTER_TILE_PX:
+        if patch_px_level == patch_px:
+            yield from _iter_scatter(
+                slide,
+                level,
+                xy,
+                patch_px,
+                chunk_patches,
+                pool,
+                grid.tile_w,
+                grid.tile_h,
+                max_blocks_ahead,
+                get_buffer,
+            )
+        else:
+            yield from _iter_scatter_resized(
+                slide,
+                level,
+                xy,
+                patch_px_level,
+                patch_px,
+                chunk_patches,
+                pool,
+                grid,
+                max_blocks_ahead,
+                get_buffer,
+            )
         return
     lw, lh = slide.level_dimensions[level]
     bw, bh = block_size(grid.tile_w if grid else None, grid.tile_h if grid else None)
@@ -452,6 +465,96 @@ def _iter_scatter(
         for _, fut in pending:
             fut.cancel()
         for _, fut in pending:  # no task may write into a buffer after we return
+            if not fut.cancelled():
+                fut.exception()
+
+
+#: the resize path scatters into level-resolution sub-chunks of at most this many bytes
+RESIZE_SUBCHUNK_BYTES = 32 << 20
+
+
+def _iter_scatter_resized(
+    slide: Slide,
+    level: int,
+    xy: np.ndarray,
+    patch_px_level: int,
+    patch_px: int,
+    chunk_patches: int,
+    pool: ThreadPoolExecutor,
+    grid: TileGrid,
+    max_tiles_ahead: int | None,
+    get_buffer: Callable[[int], np.ndarray] | None,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """:func:`iter_patch_chunks` for patches read at ``patch_px_level`` and resized: scatter
+    into level-resolution sub-chunks, resize them in the pool into the output chunks, yield
+    those in order."""
+    n = len(xy)
+    pl = patch_px_level
+    # sub-chunks: a divisor of the chunk size, at most RESIZE_SUBCHUNK_BYTES of level pixels
+    limit = max(1, RESIZE_SUBCHUNK_BYTES // (3 * pl * pl))
+    sub = max(d for d in range(1, chunk_patches + 1) if chunk_patches % d == 0 and d <= limit)
+    n_workers = max(1, getattr(pool, "_max_workers", 1))
+    free: list[np.ndarray] = []  # recycled level-resolution sub-chunk buffers
+    lent: dict[int, np.ndarray] = {}
+
+    def level_buffer(m: int) -> np.ndarray:
+        buf = free.pop() if free else np.empty((sub, pl, pl, 3), np.uint8)
+        lent[buf.ctypes.data] = buf
+        return buf[:m]
+
+    def resize_into(src: np.ndarray, dst: np.ndarray) -> None:
+        for k in range(len(src)):
+            dst[k] = resize_rgb(src[k], patch_px)
+
+    outs: dict[int, list] = {}  # output chunk -> [buffer, sub-chunks not resized yet]
+    pending: collections.deque[tuple[int, Future, np.ndarray]] = collections.deque()
+    next_q = 0
+
+    def finish_oldest() -> None:
+        q, fut, src = pending.popleft()
+        fut.result()
+        free.append(lent.pop(src.ctypes.data))
+        outs[q][1] -= 1
+
+    try:
+        for s, level_px in _iter_scatter(
+            slide,
+            level,
+            xy,
+            pl,
+            sub,
+            pool,
+            grid.tile_w,
+            grid.tile_h,
+            max_tiles_ahead,
+            level_buffer,
+        ):
+            q = s // chunk_patches
+            if q not in outs:
+                m = min(chunk_patches, n - q * chunk_patches)
+                buf = (
+                    get_buffer(m)
+                    if get_buffer is not None
+                    else np.empty((m, patch_px, patch_px, 3), np.uint8)
+                )
+                outs[q] = [buf, -(-m // sub)]
+            k0 = s - q * chunk_patches
+            dst = outs[q][0][k0 : k0 + len(level_px)]
+            pending.append((q, pool.submit(resize_into, level_px, dst), level_px))
+            while pending and (pending[0][1].done() or len(pending) > 2 * n_workers):
+                finish_oldest()
+            while next_q in outs and outs[next_q][1] == 0:
+                yield next_q * chunk_patches, outs.pop(next_q)[0]
+                next_q += 1
+        while pending:
+            finish_oldest()
+        while next_q in outs:
+            yield next_q * chunk_patches, outs.pop(next_q)[0]
+            next_q += 1
+    finally:
+        for _, fut, _ in pending:
+            fut.cancel()
+        for _, fut, _ in pending:  # no task may write into a buffer after we return
             if not fut.cancelled():
                 fut.exception()
 
