@@ -341,11 +341,7 @@ def iter_patch_chunks(
                         blocks[k] = pool.submit(read_block, k)
                 next_chunk += 1
             e = min(s + chunk_patches, n)
-            out = (
-                get_buffer(e - s)
-                if get_buffer is not None
-                else np.empty((e - s, patch_px, patch_px, 3), np.uint8)
-            )
+            out = _chunk_buffer(get_buffer, e - s, patch_px)
             for i in range(s, e):
                 dst = scratch if scratch is not None else out[i - s]
                 if not inside[i]:  # only patches that cross the image edge need padding
@@ -430,11 +426,7 @@ def _iter_scatter(
         nonlocal opened
         while opened <= j_last:
             s, e = opened * chunk_patches, min((opened + 1) * chunk_patches, n)
-            buf = (
-                get_buffer(e - s)
-                if get_buffer is not None
-                else np.empty((e - s, patch_px, patch_px, 3), np.uint8)
-            )
+            buf = _chunk_buffer(get_buffer, e - s, patch_px)
             for k in np.flatnonzero(padded[s:e]).tolist():  # patches past the level edge
                 buf[k].fill(PAD_VALUE)
             buffers[opened] = buf
@@ -462,11 +454,7 @@ def _iter_scatter(
             yield done_upto * chunk_patches, buf
             done_upto += 1
     finally:
-        for _, fut in pending:
-            fut.cancel()
-        for _, fut in pending:  # no task may write into a buffer after we return
-            if not fut.cancelled():
-                fut.exception()
+        _cancel_and_wait([fut for _, fut in pending])
 
 
 #: the resize path scatters into level-resolution sub-chunks of at most this many bytes
@@ -532,11 +520,7 @@ def _iter_scatter_resized(
             q = s // chunk_patches
             if q not in outs:
                 m = min(chunk_patches, n - q * chunk_patches)
-                buf = (
-                    get_buffer(m)
-                    if get_buffer is not None
-                    else np.empty((m, patch_px, patch_px, 3), np.uint8)
-                )
+                buf = _chunk_buffer(get_buffer, m, patch_px)
                 outs[q] = [buf, -(-m // sub)]
             k0 = s - q * chunk_patches
             dst = outs[q][0][k0 : k0 + len(level_px)]
@@ -552,11 +536,7 @@ def _iter_scatter_resized(
             yield next_q * chunk_patches, outs.pop(next_q)[0]
             next_q += 1
     finally:
-        for _, fut, _ in pending:
-            fut.cancel()
-        for _, fut, _ in pending:  # no task may write into a buffer after we return
-            if not fut.cancelled():
-                fut.exception()
+        _cancel_and_wait([fut for _, fut, _ in pending])
 
 
 def _iter_per_patch(
@@ -583,21 +563,34 @@ def _iter_per_patch(
 
     for s in range(0, n, chunk_patches):
         e = min(s + chunk_patches, n)
-        buf = (
-            get_buffer(e - s)
-            if get_buffer is not None
-            else np.empty((e - s, patch_px, patch_px, 3), np.uint8)
-        )
+        buf = _chunk_buffer(get_buffer, e - s, patch_px)
         step = -(-(e - s) // n_workers)
         parts = [pool.submit(read, buf, a, min(a + step, e), a - s) for a in range(s, e, step)]
         try:
             for f in parts:
                 f.result()
         finally:
-            for f in parts:  # no task may write into the buffer after we leave
-                if not f.cancel():
-                    f.exception()
+            _cancel_and_wait(parts)
         yield s, buf
+
+
+def _chunk_buffer(
+    get_buffer: Callable[[int], np.ndarray] | None, n: int, patch_px: int
+) -> np.ndarray:
+    """(n, patch_px, patch_px, 3) uint8 to fill: from ``get_buffer`` or new."""
+    if get_buffer is not None:
+        return get_buffer(n)
+    return np.empty((n, patch_px, patch_px, 3), np.uint8)
+
+
+def _cancel_and_wait(futures: list[Future]) -> None:
+    """Cancel the tasks not started and wait for the running ones: no task may write into a
+    buffer after the generator that submitted it has returned."""
+    for f in futures:
+        f.cancel()
+    for f in futures:
+        if not f.cancelled():
+            f.exception()
 
 
 def _pending(blocks: dict[int, Future]) -> int:
