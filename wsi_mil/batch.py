@@ -30,6 +30,11 @@ T = TypeVar("T")
 
 
 # ---------------------------------------------------------------- CPUs
+def pool_workers(pool: Any) -> int:
+    """Threads of a ThreadPoolExecutor (1 for anything that does not say)."""
+    return max(1, getattr(pool, "_max_workers", 1))
+
+
 def available_cpus() -> int:
     """CPUs this process may use: min of affinity, cgroup quota and SLURM_CPUS_PER_TASK.
 

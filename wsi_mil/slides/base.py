@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from wsi_mil.batch import pool_workers
+
 PAD_VALUE = 255  # white, like glass
 
 
@@ -199,7 +201,7 @@ class Slide(abc.ABC):
         if pool is None or len(ys) == 1:
             bands = [band(y) for y in ys]
         else:
-            bands = list(_bounded_map(pool, band, ys, 2 * max(1, getattr(pool, "_max_workers", 1))))
+            bands = list(_bounded_map(pool, band, ys, 2 * pool_workers(pool)))
         img = np.concatenate(bands, axis=0) if len(bands) > 1 else bands[0]
         if img.shape[:2] != (th, tw):
             # the last reduced row/column may be a partial block: map exactly lw/k x lh/k onto the output

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from wsi_mil.batch import pool_workers
 from wsi_mil.slides.base import PAD_VALUE, Slide, TileGrid
 
 #: blocks are at least this many px wide/high (small native tiles are grouped)
@@ -249,8 +250,9 @@ def iter_patch_chunks(
     ``pixels``: (n, patch_px, patch_px, 3) uint8 of the patches at ``level_xy`` (N, 2) level px,
     read ``patch_px_level`` px a side at ``level`` (resized when it differs from ``patch_px``),
     white past the image edge; equal to :func:`read_patches_from_slide` of the same patches.
-    Blocks are decoded in ``pool``, at most ``max_blocks_ahead`` (default 8 per pool thread)
-    beyond the chunk being cut.
+    Tiles (or blocks) are decoded in ``pool``, at most ``max_blocks_ahead`` ahead of the
+    oldest unfinished one (default :data:`AHEAD_TILES_PER_WORKER` tiles, or 8 blocks, per
+    pool thread).
 
     ``get_buffer(n)``: returns an (n, patch_px, patch_px, 3) uint8 array (any content) to cut
     the next chunk into, so a caller can recycle a few buffers instead of touching fresh
@@ -278,8 +280,7 @@ def iter_patch_chunks(
                 patch_px,
                 chunk_patches,
                 pool,
-                grid.tile_w,
-                grid.tile_h,
+                grid,
                 max_blocks_ahead,
                 get_buffer,
             )
@@ -306,7 +307,7 @@ def iter_patch_chunks(
     for j, keys in enumerate(chunk_keys):
         for k in keys.tolist():
             last_use[k] = j
-    ahead = max_blocks_ahead or 8 * max(1, getattr(pool, "_max_workers", 1))
+    ahead = max_blocks_ahead or 8 * pool_workers(pool)
     # decoded blocks kept at most: the read-ahead plus the rows of blocks that patch rows
     # still to come share with the current one (bounds memory when decoding outruns cutting)
     rows_per_patch = -(-patch_px_level // bh) + 1
@@ -372,13 +373,13 @@ def _iter_scatter(
     patch_px: int,
     chunk_patches: int,
     pool: ThreadPoolExecutor,
-    tile_w: int,
-    tile_h: int,
+    grid: TileGrid,
     max_tiles_ahead: int | None,
     get_buffer: Callable[[int], np.ndarray] | None,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """:func:`iter_patch_chunks` for tiled levels read at the patch size: decode + scatter."""
     n = len(xy)
+    tile_w, tile_h = grid.tile_w, grid.tile_h
     lw, lh = slide.level_dimensions[level]
     plan = plan_scatter(xy, patch_px, lw, lh, tile_w, tile_h)
     n_tiles, n_chunks = len(plan.start) - 1, -(-n // chunk_patches)
@@ -405,9 +406,7 @@ def _iter_scatter(
     need_upto = np.maximum.accumulate([max(c, default=-1) for c in task_chunks]).tolist()
     padded = ~plan.inside
     buffers: list[np.ndarray | None] = [None] * n_chunks
-    ahead_tiles = max_tiles_ahead or AHEAD_TILES_PER_WORKER * max(
-        1, getattr(pool, "_max_workers", 1)
-    )
+    ahead_tiles = max_tiles_ahead or AHEAD_TILES_PER_WORKER * pool_workers(pool)
     ahead = max(1, -(-ahead_tiles // TILES_PER_TASK))
 
     def scatter(b: int) -> None:
@@ -481,7 +480,7 @@ def _iter_scatter_resized(
     # sub-chunks: a divisor of the chunk size, at most RESIZE_SUBCHUNK_BYTES of level pixels
     limit = max(1, RESIZE_SUBCHUNK_BYTES // (3 * pl * pl))
     sub = max(d for d in range(1, chunk_patches + 1) if chunk_patches % d == 0 and d <= limit)
-    n_workers = max(1, getattr(pool, "_max_workers", 1))
+    n_workers = pool_workers(pool)
     free: list[np.ndarray] = []  # recycled level-resolution sub-chunk buffers
     lent: dict[int, np.ndarray] = {}
 
@@ -512,8 +511,7 @@ def _iter_scatter_resized(
             pl,
             sub,
             pool,
-            grid.tile_w,
-            grid.tile_h,
+            grid,
             max_tiles_ahead,
             level_buffer,
         ):
@@ -552,7 +550,7 @@ def _iter_per_patch(
     """:func:`iter_patch_chunks` by one window read per patch, for levels whose windows are
     not exact (see ``Slide.windows_exact``): slow, but equal to ``read_region`` per patch."""
     n = len(xy)
-    n_workers = max(1, getattr(pool, "_max_workers", 1))
+    n_workers = pool_workers(pool)
 
     def read(buf: np.ndarray, s: int, e: int, k0: int) -> None:
         for i in range(s, e):
