@@ -279,3 +279,19 @@ def test_config_errors(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="no CUDA device"):
             extract_slides(ExtractConfig(work=tmp_path, device="cuda"), [], progress=False)
+
+
+@pytest.mark.gpu
+def test_cuda_extraction_matches_cpu_to_bf16_precision(tmp_path, fx):
+    """On CUDA (bf16 autocast, channels_last, pinned host batches) extract_store gives the CPU
+    float32 features to bf16 precision, in the same order."""
+    store = fx.write_random_store(tmp_path / "r.zarr", n=70, patch_px=64, chunk_patches=16)
+    ref = _feats(store, tmp_path, "cpu", batch_size=32, workers=1)
+    model = prepare_model(create_encoder(feature_dim=32, seed=0), "cuda")
+    out = extract_store(
+        PatchStore.open(store), model, tmp_path / "cuda.h5", batch_size=32, workers=2, device="cuda"
+    )
+    got = open_features(out)
+    assert np.array_equal(got.coords, ref.coords)
+    err = np.linalg.norm(got.features - ref.features) / np.linalg.norm(ref.features)
+    assert err < 2e-2, f"relative error {err:.3g}"

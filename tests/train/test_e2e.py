@@ -357,3 +357,25 @@ def test_killed_e2e_run_resumes_exactly(work, tmp_path: Path) -> None:
     rows = (run / "predictions.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + len(entries)
     assert (run / "attention" / "s1.h5").is_file()
+
+
+@pytest.mark.gpu
+def test_train_e2e_on_cuda_and_its_encoder_on_cpu(work, tmp_path: Path) -> None:
+    """End-to-end training on CUDA (bf16 autocast, channels_last) runs, learns finite losses,
+    and its exported encoder gives on CPU the bag features it gives on CUDA (bf16 precision)."""
+    import pandas as pd
+
+    w, entries = work
+    run = train_e2e(
+        make_cfg(w, tmp_path / "run", device="cuda", augment=True), entries, progress=False
+    )
+    hist = pd.read_csv(run / "metrics.csv")
+    assert len(hist) == 2 and np.isfinite(hist["train_loss"]).all()
+    ck = torch.load(run / "checkpoints" / "last.pt", weights_only=True, map_location="cpu")
+    assert ck["epoch"] == 2
+    on_cuda = list(encode_bags(run, entries[:2], w, device="cuda"))
+    on_cpu = list(encode_bags(run, entries[:2], w, device="cpu"))
+    for (ea, a), (eb, b) in zip(on_cuda, on_cpu, strict=True):
+        assert ea.slide_id == eb.slide_id and np.array_equal(a.coords, b.coords)
+        err = np.linalg.norm(a.features - b.features) / np.linalg.norm(b.features)
+        assert err < 2e-2, f"{ea.slide_id}: relative error {err:.3g}"
