@@ -361,8 +361,11 @@ def test_killed_e2e_run_resumes_exactly(work, tmp_path: Path) -> None:
 
 @pytest.mark.gpu
 def test_train_e2e_on_cuda_and_its_encoder_on_cpu(work, tmp_path: Path) -> None:
-    """End-to-end training on CUDA (bf16 autocast, channels_last) runs, learns finite losses,
-    and its exported encoder gives on CPU the bag features it gives on CUDA (bf16 precision)."""
+    """End-to-end training on CUDA (bf16 autocast, channels_last) runs and learns finite
+    losses; its encoder's bag features on CUDA are as close to the float32 CPU ones as bf16
+    autocast allows: within twice the error of bf16 autocast on the CPU (~4.5 % relative on
+    this tiny encoder; fp16 would give ~0.5 %), where a real mismatch (preprocessing,
+    normalisation, weights) gives errors of order 1."""
     import pandas as pd
 
     w, entries = work
@@ -373,9 +376,15 @@ def test_train_e2e_on_cuda_and_its_encoder_on_cpu(work, tmp_path: Path) -> None:
     assert len(hist) == 2 and np.isfinite(hist["train_loss"]).all()
     ck = torch.load(run / "checkpoints" / "last.pt", weights_only=True, map_location="cpu")
     assert ck["epoch"] == 2
-    on_cuda = list(encode_bags(run, entries[:2], w, device="cuda"))
-    on_cpu = list(encode_bags(run, entries[:2], w, device="cpu"))
-    for (ea, a), (eb, b) in zip(on_cuda, on_cpu, strict=True):
-        assert ea.slide_id == eb.slide_id and np.array_equal(a.coords, b.coords)
-        err = np.linalg.norm(a.features - b.features) / np.linalg.norm(b.features)
-        assert err < 2e-2, f"{ea.slide_id}: relative error {err:.3g}"
+    on_cuda = E2EEncoder(run, "cuda")
+    on_cpu = E2EEncoder(run, "cpu")
+    cpu_bf16 = E2EEncoder(run, "cpu")
+    cpu_bf16.amp_dtype = torch.bfloat16  # CUDA's autocast dtype, on the CPU
+    for entry in entries[:2]:
+        ref = on_cpu.encode(entry, w)
+        a, b = on_cuda.encode(entry, w), cpu_bf16.encode(entry, w)
+        assert np.array_equal(a.coords, ref.coords)
+        scale = np.linalg.norm(ref.features)
+        err_cuda = np.linalg.norm(a.features - ref.features) / scale
+        err_bf16 = np.linalg.norm(b.features - ref.features) / scale
+        assert err_cuda < max(2 * err_bf16, 1e-2), (entry.slide_id, err_cuda, err_bf16)
