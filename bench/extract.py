@@ -5,6 +5,9 @@ Prints (the machine is shared, so RATIOS measured in one run are what counts):
   - full extraction throughput from a patch store: decode + I/O + preprocess + encoder +
     HDF5 write (extract_store, background reader threads);
   - the same full pipeline with workers=0 (decode in the main thread, no overlap);
+  - the reader alone (PatchBatchLoader with the same threads, pinned batches on CUDA): the
+    rate the store can feed an encoder at; once reading chunk files directly (PatchStore's
+    default) and once through zarr's own read path (what PatchStore did before).
   - ratio full / encoder-only (>= 0.9 means decode and I/O are hidden behind compute).
 Each timing is the best of --repeat alternating runs.
 
@@ -27,6 +30,7 @@ from slide_factory import test_image  # noqa: E402
 
 from wsi_mil.batch import available_cpus  # noqa: E402
 from wsi_mil.features import (  # noqa: E402
+    PatchBatchLoader,
     create_encoder,
     extract_store,
     prepare_model,
@@ -107,13 +111,22 @@ def main() -> None:
                 device=device,
             )
 
+        via_zarr = PatchStore.open(store.path)
+        via_zarr._chunk_reader = None  # noqa: SLF001 - the zarr read path, for comparison
+
+        def reader_only(st: PatchStore) -> None:
+            for _ in PatchBatchLoader(st, a.batch_size, a.workers, pin_memory=cuda):
+                pass
+
         encoder_only()  # warm-up (kernel selection, allocator)
-        t_enc, t_full, t_sync = [], [], []
+        t_enc, t_full, t_sync, t_read, t_zarr = [], [], [], [], []
         for _ in range(a.repeat):
             for fn, acc in (
                 (encoder_only, t_enc),
                 (lambda: full(a.workers), t_full),
                 (lambda: full(0), t_sync),
+                (lambda: reader_only(store), t_read),
+                (lambda: reader_only(via_zarr), t_zarr),
             ):
                 if cuda:
                     torch.cuda.synchronize()
@@ -123,6 +136,7 @@ def main() -> None:
                     torch.cuda.synchronize()
                 acc.append(time.perf_counter() - t)
         enc, ful, syn = a.n / min(t_enc), a.n / min(t_full), a.n / min(t_sync)
+        rd, rz = a.n / min(t_read), a.n / min(t_zarr)
         dev_name = (
             torch.cuda.get_device_name(device)
             if cuda
@@ -134,6 +148,10 @@ def main() -> None:
         print(f"encoder only (tensors in memory):            {enc:9.1f} patches/s")
         print(f"full extraction, {a.workers} reader thread(s):       {ful:9.1f} patches/s")
         print(f"full extraction, workers=0 (no overlap):      {syn:9.1f} patches/s")
+        print(f"reader alone, {a.workers} thread(s):                {rd:9.1f} patches/s")
+        print(
+            f"reader alone through zarr, {a.workers} thread(s):   {rz:9.1f} patches/s   (direct / zarr: {rd / rz:.2f}x)"
+        )
         print(
             f"ratio full / encoder-only: {ful / enc:.3f}  (target >= 0.9)   no-overlap ratio: {syn / enc:.3f}"
         )

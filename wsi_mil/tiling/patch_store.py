@@ -142,6 +142,122 @@ def write_new_file(path: str | os.PathLike, data: np.ndarray) -> None:
         os.close(fd)
 
 
+class ChunkFileReader:
+    """Reads the ``pixels`` chunk files of a local zarr v3 array directly: file -> decoder ->
+    the caller's array, with no zarr machinery in between.
+
+    zarr v3 funnels every read through one event-loop thread, so reader threads queue behind
+    each other (8 threads on a 16-core GPU node read ~12,000 patches/s from zstd stores).
+    This handles the layouts tiling writes (regular chunks of whole patches; codecs
+    ``bytes`` alone, or followed by ``zstd`` or ``blosc``; either chunk-key separator) and
+    gives the same arrays as zarr; :meth:`for_array` returns None for anything else, which
+    then goes through zarr. A missing chunk file holds the fill value, as in zarr.
+    """
+
+    def __init__(
+        self, folder: Path, shape: tuple[int, ...], chunk: int, sep: str, codec: str, fill: int
+    ) -> None:
+        self.folder, self.shape, self.chunk, self.sep = folder, shape, chunk, sep
+        self.codec, self.fill = codec, fill
+        self.chunk_nbytes = chunk * int(np.prod(shape[1:]))
+
+    @classmethod
+    def for_array(cls, folder: Path) -> ChunkFileReader | None:
+        """Reader of the zarr v3 array in ``folder``, or None if its layout is not one we read."""
+        import json
+
+        try:
+            meta = json.loads((folder / "zarr.json").read_text())
+            shape = tuple(int(v) for v in meta["shape"])
+            grid = meta["chunk_grid"]
+            chunks = [int(v) for v in grid["configuration"]["chunk_shape"]]
+            key = meta["chunk_key_encoding"]
+            sep = key.get("configuration", {}).get("separator", "/")
+            codecs = meta["codecs"]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+        names = [c.get("name") for c in codecs] if isinstance(codecs, list) else []
+        if not (
+            meta.get("zarr_format") == 3
+            and meta.get("node_type") == "array"
+            and meta.get("data_type") == "uint8"
+            and grid.get("name") == "regular"
+            and key.get("name") == "default"
+            and sep in ("/", ".")
+            and len(shape) == len(chunks) >= 1
+            and chunks[0] >= 1
+            and list(chunks[1:]) == list(shape[1:])  # chunks of whole patches
+            and not meta.get("storage_transformers")
+            and names[:1] == ["bytes"]
+            and names[1:] in ([], ["zstd"], ["blosc"])
+            and isinstance(meta.get("fill_value"), int)
+        ):
+            return None
+        codec = names[1] if len(names) > 1 else "none"
+        return cls(folder, shape, chunks[0], sep, codec, int(meta["fill_value"]))
+
+    def chunk_path(self, index: int) -> Path:
+        """File of chunk ``index`` (along the first axis)."""
+        key = self.sep.join(["c", str(index)] + ["0"] * (len(self.shape) - 1))
+        return self.folder / key
+
+    def read_into(self, index: int, out: np.ndarray) -> None:
+        """Decode chunk ``index`` (all ``chunk`` rows, padding included) into C-contiguous uint8
+        ``out`` of ``chunk_nbytes`` bytes."""
+        path = self.chunk_path(index)
+        flat = out.reshape(-1)
+        try:
+            with open(path, "rb", buffering=0) as f:
+                if self.codec == "none":
+                    n = f.readinto(memoryview(flat))
+                    if n != self.chunk_nbytes or f.read(1):
+                        raise ValueError(f"{n} bytes instead of {self.chunk_nbytes}")
+                    return
+                data = f.read()
+        except FileNotFoundError:  # never written: all fill value (zarr's rule)
+            flat.fill(self.fill)
+            return
+        except ValueError as e:
+            raise StoreError(f"{path}: damaged chunk ({e})", _REBUILD) from None
+        import imagecodecs
+
+        try:
+            if self.codec == "zstd":
+                got = imagecodecs.zstd_decode(data, out=flat)
+            else:
+                # c-blosc trusts its header's sizes: check them before it reads past the data
+                head = np.frombuffer(data[:16], "<u4") if len(data) >= 16 else None
+                if head is None or head[3] != len(data) or head[1] != self.chunk_nbytes:
+                    raise ValueError(f"blosc header does not match the {len(data)}-byte file")
+                got = imagecodecs.blosc_decode(data, out=flat)
+            if len(got) != self.chunk_nbytes:
+                raise ValueError(f"{len(got)} bytes instead of {self.chunk_nbytes}")
+        except Exception as e:  # noqa: BLE001 - any decoder failure means a damaged file
+            raise StoreError(f"{path}: damaged chunk ({type(e).__name__}: {e})", _REBUILD) from None
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """(stop - start, ...) uint8 rows [start, stop) (clipped to the array)."""
+        n_rows = self.shape[0]
+        start, stop = max(0, min(start, n_rows)), max(0, min(stop, n_rows))
+        out = np.empty((max(0, stop - start),) + self.shape[1:], np.uint8)
+        c = self.chunk
+        scratch: np.ndarray | None = None
+        for index in range(start // c, -(-stop // c)):
+            c0, c1 = index * c, (index + 1) * c
+            lo, hi = max(start, c0), min(stop, c1)
+            if lo == c0 and hi == c1:  # a whole chunk: decode straight into the output
+                self.read_into(index, out[lo - start : hi - start])
+            else:
+                if scratch is None:
+                    scratch = np.empty((c,) + self.shape[1:], np.uint8)
+                self.read_into(index, scratch)
+                out[lo - start : hi - start] = scratch[lo - c0 : hi - c0]
+        return out
+
+
+_REBUILD = "delete the store and re-run 'wsi-mil tile'"
+
+
 class PatchStore:
     """Read access to a complete patch store. Use :meth:`open`."""
 
@@ -150,6 +266,7 @@ class PatchStore:
         self._g = group
         self.attrs: dict[str, Any] = dict(group.attrs)
         self._coords: np.ndarray | None = None
+        self._chunk_reader: ChunkFileReader | None | bool = False  # False: not looked at yet
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> PatchStore:
@@ -253,6 +370,10 @@ class PatchStore:
                 f"{self.path}: store has no pixels (tiled with --no-pixels)",
                 "use read_patches(), which reads from the slide",
             )
+        if self._chunk_reader is False:
+            self._chunk_reader = ChunkFileReader.for_array(self.path / "pixels")
+        if self._chunk_reader is not None and 0 <= start <= stop:
+            return self._chunk_reader.read(start, stop)
         return np.asarray(self._g["pixels"][start:stop])
 
     def read_patches(self, start: int, stop: int, slide: Any = None) -> np.ndarray:
