@@ -128,7 +128,9 @@ class SynthConfig:
     splits: str = (
         ""  # e.g. "train=0.6,val=0.2,test=0.2" (stratified by label); "": empty split column
     )
-    workers: int | None = None  # render threads; None: CPUs this job may use
+    workers: int | None = (
+        None  # CPUs (slide processes x render threads); None: all this job may use
+    )
 
 
 @dataclass

@@ -216,3 +216,42 @@ def test_tiff_is_streamed_in_bounded_memory(tmp_path: Path) -> None:
     slide = openslide.OpenSlide(str(tmp_path / "synth_000.tiff"))
     assert slide.dimensions == (6144, 6144)
     assert math.isclose(float(slide.properties["openslide.mpp-x"]), 0.5)
+
+
+def test_slide_processes_only_for_several_large_slides() -> None:
+    from wsi_mil.synth import MIN_PROCESS_PIXELS, slide_processes
+
+    def n(slides: int, side: int, workers: int) -> int:
+        cfg = resolve_config(SynthConfig(out="x", n_slides=slides, width_px=side, height_px=side,
+                                         workers=workers))  # fmt: skip
+        return slide_processes(cfg, build_specs(cfg))
+
+    big = int(MIN_PROCESS_PIXELS**0.5) + 1  # one slide of this side is enough pixels
+    assert n(1, 4 * big, 8) == 1  # one slide: its tiles in threads
+    assert n(3, big, 1) == 1  # one CPU
+    assert n(3, 256, 8) == 1  # too few pixels to pay for starting processes
+    assert n(3, big, 8) == 3 and n(12, big, 8) == 8  # one process per slide, up to the CPUs
+
+
+def test_slides_written_in_processes_are_the_same_bytes(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    import wsi_mil.synth as synth
+
+    kw = dict(SMALL, n_slides=3, width_px=512, height_px=384, workers=2)
+    generate(SynthConfig(out=tmp_path / "threads", **kw))
+    monkeypatch.setattr(synth, "MIN_PROCESS_PIXELS", 0)
+    cfg = resolve_config(SynthConfig(out=tmp_path / "procs", **kw))
+    assert synth.slide_processes(cfg, build_specs(cfg)) == 2
+    entries = generate(SynthConfig(out=tmp_path / "procs", **kw))
+    assert [e.path.parent for e in entries] == [(tmp_path / "procs").resolve()] * 3
+    for name in ("slides.csv", "markers.csv"):
+        assert (tmp_path / "procs" / name).read_text().replace("procs", "threads") == (
+            tmp_path / "threads" / name
+        ).read_text()
+    for e in entries:
+        assert e.path.read_bytes() == (tmp_path / "threads" / e.path.name).read_bytes()
+    # a slide that fails in its worker process fails the call, with its own error
+    (tmp_path / "a_file").write_text("")
+    specs = build_specs(cfg)
+    paths = [tmp_path / "ok.tiff", tmp_path / "a_file" / "bad.tiff"]  # parent is a file
+    with pytest.raises(OSError):
+        synth._write_slides_in_processes(specs[:2], paths, cfg, 2, False)

@@ -159,7 +159,11 @@ from wsi_mil.cli.common import config_option, progress_enabled
     help="Fill the split column, stratified by label, e.g. train=0.6,val=0.2,test=0.2 (default: empty).",
 )
 @click.option(
-    "--workers", type=int, default=None, help="Render threads (default: CPUs this job may use)."
+    "--workers",
+    type=int,
+    default=None,
+    help="CPUs to use (default: those this job may use). Several large slides are "
+    "written at once, one per worker process; the tiles of one slide render in threads.",
 )
 def command(**kw: Any) -> None:
     from wsi_mil.config import SynthConfig
