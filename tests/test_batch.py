@@ -8,10 +8,9 @@ import subprocess
 import sys
 
 import pytest
+from batch_helpers import outcome_by_name
 
 from wsi_mil.batch import (
-    Skip,
-    SlideWarning,
     atomic_path,
     available_cpus,
     output_lock,
@@ -21,7 +20,7 @@ from wsi_mil.batch import (
     run_per_slide,
     shard_items,
 )
-from wsi_mil.errors import ConfigError, SlideError
+from wsi_mil.errors import ConfigError
 
 
 def test_parse_shard_spec_and_errors(monkeypatch):
@@ -148,28 +147,29 @@ def test_output_lock_unlink_on_release_keeps_mutual_exclusion(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["log"]
 
 
-def test_run_per_slide_records_failures(tmp_path):
-    def fn(x: str) -> None:
-        if x == "bad":
-            raise SlideError("bad.svs: truncated")
-        if x == "boom":
-            raise ValueError("unexpected")
-        if x == "old":
-            raise Skip()
-        if x == "empty":
-            raise SlideWarning("no tissue found")
-
+@pytest.mark.parametrize("processes", [1, 2])
+def test_run_per_slide_records_failures(tmp_path, processes):
     res = run_per_slide(
-        "tile", ["a", "bad", "old", "empty", "boom"], fn, tmp_path, slide_id=str, progress=False
+        "tile",
+        ["a", "bad", "old", "empty", "boom"],
+        outcome_by_name,
+        tmp_path,
+        slide_id=str,
+        progress=False,
+        processes=processes,
     )
-    assert res.done == ["a", "empty"] and res.skipped == ["old"]
+    assert sorted(res.done) == ["a", "empty"] and res.skipped == ["old"]
     assert set(res.failed) == {"bad", "boom"} and res.exit_code == 1
     assert "no tissue" in res.warnings["empty"]
+    assert res.failed["boom"] == "ValueError: unexpected"
     rows = list(csv.DictReader(open(tmp_path / "failures.csv")))
-    assert [r["slide_id"] for r in rows] == ["bad", "boom"]
-    assert "truncated" in rows[0]["reason"] and rows[0]["stage"] == "tile"
+    assert sorted(r["slide_id"] for r in rows) == ["bad", "boom"]
+    bad = next(r for r in rows if r["slide_id"] == "bad")
+    assert "truncated" in bad["reason"] and bad["stage"] == "tile"
     record_failure(tmp_path, "extract", "c", None, "x")
     assert len(list(csv.DictReader(open(tmp_path / "failures.csv")))) == 3
+    if processes == 1:
+        assert res.done == ["a", "empty"]  # in order; with processes, in order of completion
 
 
 def test_available_cpus_respects_slurm_and_affinity():

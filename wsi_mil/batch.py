@@ -317,35 +317,87 @@ def run_per_slide(
     slide_path: Callable[[T], Any] = lambda _: None,
     progress: bool = True,
     debug: bool = False,
+    processes: int = 1,
 ) -> BatchResult:
     """Run ``fn`` on every item, keep going past failures, log them to ``W/failures.csv``.
 
     ``fn`` raises :class:`Skip` for up-to-date outputs and :class:`SlideWarning` for a
     finished slide worth a warning. Any other exception marks the slide failed.
+
+    ``processes > 1``: that many slides at once, each in a worker process (``spawn``), for
+    batches of many small images whose per-slide work is mostly serial. ``fn`` must then
+    pickle (a module-level function or a ``functools.partial`` of one); failures are
+    recorded here as usual, and the done/skipped lists are in order of completion.
     """
     from tqdm.auto import tqdm
 
     res = BatchResult(stage)
-    bar = tqdm(items, desc=stage, unit="slide", disable=not progress, leave=True)
-    for it in bar:
-        sid = slide_id(it)
-        bar.set_postfix_str(sid, refresh=False)
-        try:
-            fn(it)
-            res.done.append(sid)
-        except Skip:
-            res.skipped.append(sid)
-        except SlideWarning as w:
-            res.done.append(sid)
-            res.warnings[sid] = str(w)
-            log.warning("%s: %s", sid, w)
-        except KeyboardInterrupt:
-            raise
-        except Exception as e:  # noqa: BLE001 - a bad slide must not stop the batch
-            if debug:
-                log.exception("%s failed", sid)
-            reason = str(e) if isinstance(e, WsiMilError) else f"{type(e).__name__}: {e}"
-            res.failed[sid] = reason
-            log.error("%s failed: %s", sid, reason)
-            record_failure(work, stage, sid, slide_path(it), reason)
+    bar = tqdm(total=len(items), desc=stage, unit="slide", disable=not progress, leave=True)
+    try:
+        for it, (status, message) in _run_items(items, fn, processes, debug, bar, slide_id):
+            sid = slide_id(it)
+            if status == "done":
+                res.done.append(sid)
+            elif status == "skip":
+                res.skipped.append(sid)
+            elif status == "warn":
+                res.done.append(sid)
+                res.warnings[sid] = message
+                log.warning("%s: %s", sid, message)
+            else:
+                res.failed[sid] = message
+                log.error("%s failed: %s", sid, message)
+                record_failure(work, stage, sid, slide_path(it), message)
+    finally:
+        bar.close()
     return res
+
+
+def call_for_slide(fn: Callable[[T], Any], item: T, debug: bool = False) -> tuple[str, str]:
+    """``fn(item)`` as ``(status, message)``: ``done``, ``skip``, ``warn`` (the warning) or
+    ``fail`` (the reason). Plain strings, so the outcome crosses process boundaries."""
+    try:
+        fn(item)
+        return "done", ""
+    except Skip:
+        return "skip", ""
+    except SlideWarning as w:
+        return "warn", str(w)
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:  # noqa: BLE001 - a bad slide must not stop the batch
+        if debug:
+            log.exception("%r failed", item)
+        return "fail", str(e) if isinstance(e, WsiMilError) else f"{type(e).__name__}: {e}"
+
+
+def _run_items(
+    items: Sequence[T],
+    fn: Callable[[T], Any],
+    processes: int,
+    debug: bool,
+    bar: Any,
+    slide_id: Callable[[T], str],
+) -> Iterator[tuple[T, tuple[str, str]]]:
+    """(item, outcome) for every item: in order in this process, or as worker processes finish."""
+    if processes <= 1 or len(items) <= 1:
+        for it in items:
+            bar.set_postfix_str(slide_id(it), refresh=False)
+            yield it, call_for_slide(fn, it, debug)
+            bar.update(1)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    # spawn, not fork: this process may hold threads (progress bars, read pools, BLAS)
+    ctx = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(min(processes, len(items)), mp_context=ctx)
+    try:
+        futures = {pool.submit(call_for_slide, fn, it, debug): it for it in items}
+        for fut in as_completed(futures):
+            it = futures[fut]
+            bar.set_postfix_str(slide_id(it), refresh=False)
+            yield it, fut.result()
+            bar.update(1)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

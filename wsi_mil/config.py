@@ -151,6 +151,7 @@ class TileConfig:
     compression: str = "zstd"  # lossless: zstd (smallest) | lz4 | none (fastest); see --help
     clam_h5: bool = False  # also write CLAM's W/patches/<slide_id>.h5 coords file
     workers: int | None = None  # read threads; None: CPUs this job may use
+    processes: int = 1  # slides tiled at once, one per process (many small images)
     backend: str | None = None
     overwrite: bool = False  # rebuild even when the store is current
 

@@ -37,7 +37,8 @@ def _same_store(a: Path, b: Path) -> None:
     assert sa.attrs == sb.attrs
 
 
-def test_batch_with_corrupt_and_empty_slides(tmp_path, cli, make_slide):
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_batch_with_corrupt_and_empty_slides(tmp_path, cli, make_slide, processes):
     good = make_slide("good", "tissue", 600, 800)
     empty = make_slide("empty", "blank", 512, 512)
     corrupt = tmp_path / "corrupt.tif"
@@ -46,7 +47,10 @@ def test_batch_with_corrupt_and_empty_slides(tmp_path, cli, make_slide):
         tmp_path / "slides.csv", [("good", good), ("corrupt", corrupt), ("empty", empty)]
     )
     work = tmp_path / "w"
-    r = cli("tile", "--slides", str(table), "--work", str(work), "--patch-size", "64")
+    r = cli(
+        "tile", "--slides", str(table), "--work", str(work), "--patch-size", "64",
+        "--processes", processes,
+    )  # fmt: skip
     assert r.returncode == 1, r.stderr
     assert "Traceback" not in r.stderr
     # the good slide is done, with patches only where the tissue is
@@ -68,6 +72,16 @@ def test_batch_with_corrupt_and_empty_slides(tmp_path, cli, make_slide):
     # resolved config saved beside the stores
     cfg = yaml.safe_load((work / "patches" / "config.yaml").read_text())
     assert cfg["patch_size"] == 64 and cfg["tissue"] == "otsu"
+    assert cfg["processes"] == int(processes)
+    if processes != "1":  # slides tiled in worker processes give the same stores
+        ref = tmp_path / "ref"
+        r1 = cli("-q", "tile", str(good), str(empty), "--work", str(ref), "--patch-size", "64")
+        assert r1.returncode == 0, r1.stderr
+        for sid in ("good", "empty"):
+            _same_store(work / "patches" / f"{sid}.zarr", ref / "patches" / f"{sid}.zarr")
+            assert (work / "masks" / f"{sid}.png").read_bytes() == (
+                ref / "masks" / f"{sid}.png"
+            ).read_bytes()
 
 
 def test_skip_current_rebuild_on_change(tmp_path, cli, make_slide):
@@ -152,7 +166,12 @@ def test_clam_h5_and_no_pixels(tmp_path, cli, make_slide):
 
 def test_bad_options_exit_2(tmp_path, cli, make_slide):
     slide = make_slide("b", "tissue", 256, 256)
-    for extra in (["--level", "0", "--mpp", "0.5"], ["--min-tissue", "2"], ["--patch-size", "0"]):
+    for extra in (
+        ["--level", "0", "--mpp", "0.5"],
+        ["--min-tissue", "2"],
+        ["--patch-size", "0"],
+        ["--processes", "0"],
+    ):
         r = cli("tile", str(slide), "--work", str(tmp_path / "w"), *extra)
         assert r.returncode == 2, (extra, r.stderr)
         assert "Traceback" not in r.stderr and "error:" in r.stderr

@@ -132,6 +132,15 @@ from wsi_mil.cli.common import (
     help="Tile-reading threads. Default: the CPUs this job may use (affinity, cgroup quota, "
     "SLURM_CPUS_PER_TASK).",
 )
+@click.option(
+    "--processes",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Slides tiled at once, each in its own process, the --workers threads shared out "
+    "among them. For many small images (cell imaging, TMA cores), whose per-slide work "
+    "(tissue mask, store) is mostly serial; a whole-slide image keeps its threads busy alone.",
+)
 @click.option("--overwrite", is_flag=True, help="Rebuild stores even when they are current.")
 @backend_option
 @shard_option

@@ -10,6 +10,8 @@ read tile-aligned, see :mod:`wsi_mil.tiling.read`), renamed into place when comp
 from __future__ import annotations
 
 import collections
+import dataclasses
+import functools
 import logging
 import queue
 from collections.abc import Sequence
@@ -98,6 +100,8 @@ def validate_config(cfg: TileConfig) -> None:
         raise ConfigError(f"--thumbnail-px must be >= 64, got {cfg.thumbnail_px}")
     if cfg.workers is not None and cfg.workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {cfg.workers}")
+    if cfg.processes < 1:
+        raise ConfigError(f"--processes must be >= 1, got {cfg.processes}")
 
 
 def tiling_params(cfg: TileConfig) -> dict[str, Any]:
@@ -139,6 +143,20 @@ def tile_slides(
     save_resolved(cfg, out / "config.yaml")
     items = shard_items(list(entries), shard, key=lambda e: e.slide_id)
     workers = cfg.workers or available_cpus()
+    if cfg.processes > 1 and len(items) > 1:
+        # each process tiles one slide at a time with its share of the threads
+        per_process = dataclasses.replace(cfg, workers=max(1, workers // cfg.processes))
+        return run_per_slide(
+            "tile",
+            items,
+            functools.partial(_tile_slide_in_worker, per_process),
+            work,
+            slide_id=lambda e: e.slide_id,
+            slide_path=lambda e: e.path,
+            progress=progress,
+            debug=debug,
+            processes=cfg.processes,
+        )
     with ThreadPoolExecutor(workers, thread_name_prefix="tile-read") as pool:
         return run_per_slide(
             "tile",
@@ -150,6 +168,18 @@ def tile_slides(
             progress=progress,
             debug=debug,
         )
+
+
+_worker_pool: ThreadPoolExecutor | None = None
+
+
+def _tile_slide_in_worker(cfg: TileConfig, entry: Any) -> Path:
+    """:func:`tile_slide` in a worker process of ``--processes``, with a read pool of
+    ``cfg.workers`` threads kept for the process's next slides."""
+    global _worker_pool
+    if _worker_pool is None:
+        _worker_pool = ThreadPoolExecutor(cfg.workers or 1, thread_name_prefix="tile-read")
+    return tile_slide(cfg, entry, pool=_worker_pool)
 
 
 def store_is_current(final: Path, fingerprint: dict | None, digest: str) -> bool:

@@ -1,0 +1,19 @@
+"""A per-slide function for run_per_slide tests, at module level so worker processes can
+import it (``--processes``)."""
+
+from __future__ import annotations
+
+from wsi_mil.batch import Skip, SlideWarning
+from wsi_mil.errors import SlideError
+
+
+def outcome_by_name(x: str) -> None:
+    """Done for any name but: bad (SlideError), boom (ValueError), old (Skip), empty (warning)."""
+    if x == "bad":
+        raise SlideError("bad.svs: truncated")
+    if x == "boom":
+        raise ValueError("unexpected")
+    if x == "old":
+        raise Skip()
+    if x == "empty":
+        raise SlideWarning("no tissue found")
