@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from batch_helpers import outcome_by_name
+from batch_helpers import dies_on_die, outcome_by_name
 
 from wsi_mil.batch import (
     atomic_path,
@@ -170,6 +170,16 @@ def test_run_per_slide_records_failures(tmp_path, processes):
     assert len(list(csv.DictReader(open(tmp_path / "failures.csv")))) == 3
     if processes == 1:
         assert res.done == ["a", "empty"]  # in order; with processes, in order of completion
+
+
+def test_a_dead_worker_process_fails_its_slides_not_the_batch(tmp_path):
+    res = run_per_slide(
+        "tile", ["a", "die", "b"], dies_on_die, tmp_path, slide_id=str, progress=False, processes=2
+    )
+    assert "die" in res.failed and "worker process died" in res.failed["die"]
+    assert sorted(res.done + list(res.failed)) == ["a", "b", "die"] and res.exit_code == 1
+    rows = list(csv.DictReader(open(tmp_path / "failures.csv")))
+    assert sorted(r["slide_id"] for r in rows) == sorted(res.failed)
 
 
 def test_available_cpus_respects_slurm_and_affinity():

@@ -388,6 +388,7 @@ def _run_items(
         return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
 
     # spawn, not fork: this process may hold threads (progress bars, read pools, BLAS)
     ctx = multiprocessing.get_context("spawn")
@@ -397,7 +398,15 @@ def _run_items(
         for fut in as_completed(futures):
             it = futures[fut]
             bar.set_postfix_str(slide_id(it), refresh=False)
-            yield it, fut.result()
+            try:
+                outcome = fut.result()
+            except BrokenProcessPool:  # a worker was killed (out of memory?): the pool is gone
+                outcome = (
+                    "fail",
+                    "a worker process died while this slide was queued or running (out of "
+                    "memory?); run again (finished slides are skipped), with fewer --processes",
+                )
+            yield it, outcome
             bar.update(1)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
