@@ -157,8 +157,11 @@ def _write_slides_in_processes(
 ) -> None:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
 
     from tqdm.auto import tqdm
+
+    from wsi_mil.errors import WsiMilError
 
     workers = cfg.workers or available_cpus()
     # the CPUs left over (fewer slides than CPUs) render tiles in threads inside each process
@@ -173,6 +176,11 @@ def _write_slides_in_processes(
             for fut in as_completed(futures):
                 fut.result()  # raises the first failure; the slides not started are cancelled
                 bar.update(1)
+    except BrokenProcessPool:
+        raise WsiMilError(
+            "a worker process died while writing slides (out of memory?)",
+            "run again with fewer --workers: each worker process writes one slide",
+        ) from None
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
