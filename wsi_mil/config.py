@@ -253,4 +253,5 @@ class HeatmapConfig:
     slides: Path | None = None  # slide table overriding the slide paths in the attention files
     work: Path | None = None  # where failures.csv goes; None = the run folder
     backend: str | None = None
+    processes: int = 1  # slides drawn at once, one per process
     overwrite: bool = False  # redraw even when the PNGs are current

@@ -42,11 +42,13 @@ def run_with_slides(tmp_path: Path) -> Path:
     return tmp_path / "run"
 
 
-def test_heatmap_end_to_end(cli, run_with_slides):
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_heatmap_end_to_end(cli, run_with_slides, processes):
     run = run_with_slides
     r = cli(
-        "heatmap", "--run", str(run), "--style", "both", "--thumbnail-px", "512", "--top-k", "4"
-    )
+        "heatmap", "--run", str(run), "--style", "both", "--thumbnail-px", "512", "--top-k", "4",
+        "--processes", processes,
+    )  # fmt: skip
     assert r.returncode == 0, r.stderr
     hm = run / "heatmaps"
     for sid in ("pos", "neg"):
@@ -143,10 +145,11 @@ def test_missing_slide_draws_on_blank_canvas_with_warning(cli, run_with_slides):
     assert rep["top1_hit_rate"] == 1.0
 
 
-def test_unreadable_slide_is_a_recorded_failure(cli, run_with_slides):
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_unreadable_slide_is_a_recorded_failure(cli, run_with_slides, processes):
     run = run_with_slides
     (run.parent / "slides" / "pos.tiff").write_bytes(b"not a tiff at all")
-    r = cli("heatmap", "--run", str(run), "--thumbnail-px", "256")
+    r = cli("heatmap", "--run", str(run), "--thumbnail-px", "256", "--processes", processes)
     assert r.returncode == 1
     assert "FAILED pos" in r.stderr
     assert (run / "heatmaps" / "neg.png").is_file()
@@ -190,6 +193,8 @@ def test_bad_inputs_exit_2_with_one_clear_line(cli, run_with_slides, tmp_path):
     assert "m.csv" in line and "--markers" in line
     line = _one_error_line(cli("heatmap", "--run", str(run), "--max-alpha", "2"))
     assert "--max-alpha" in line
+    line = _one_error_line(cli("heatmap", "--run", str(run), "--processes", "0"))
+    assert "--processes must be >= 1" in line
 
 
 def test_broken_attention_file_fails_that_slide_only(cli, run_with_slides):

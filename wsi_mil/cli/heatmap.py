@@ -114,6 +114,13 @@ from wsi_mil.cli.common import (
     default=None,
     help="Folder for failures.csv. Default: the run folder.",
 )
+@click.option(
+    "--processes",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Slides drawn at once, each in its own process (drawing a slide is mostly serial).",
+)
 @click.option("--overwrite", is_flag=True, help="Redraw even when the PNGs are current.")
 @backend_option
 @shard_option

@@ -18,6 +18,7 @@ PNGs carry a digest of their inputs and options; current ones are skipped.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -105,6 +106,8 @@ def _check(cfg: HeatmapConfig) -> None:
         raise ConfigError(f"unknown --scale {cfg.scale!r}", f"choose one of {', '.join(SCALES)}")
     if not 0.0 < cfg.max_alpha <= 1.0:
         raise ConfigError(f"--max-alpha {cfg.max_alpha} is outside (0, 1]")
+    if cfg.processes < 1:
+        raise ConfigError(f"--processes must be >= 1, got {cfg.processes}")
 
 
 def make_heatmaps(
@@ -138,20 +141,20 @@ def make_heatmaps(
             markers_cache[mp] = read_markers(mp)
         return mp, markers_cache[mp].get(sid, np.zeros((0, 4), np.int64))
 
-    def one(sid: str) -> None:
-        _, boxes = markers_for(sid)
-        render_slide(cfg, files[sid], paths.get(sid), boxes, out_dir)
-
     ids = shard_items(list(files), shard, key=lambda s: s)
+    # one job per slide: (slide id, attention file, slide path, marker boxes), plain data
+    # that --processes sends to worker processes
+    jobs = [(s, files[s], paths.get(s), markers_for(s)[1]) for s in ids]
     res = run_per_slide(
         "heatmap",
-        ids,
-        one,
+        jobs,
+        functools.partial(_render_job, cfg, out_dir),
         cfg.work or run,
-        slide_id=lambda s: s,
-        slide_path=lambda s: paths.get(s),
+        slide_id=lambda job: job[0],
+        slide_path=lambda job: job[2],
         progress=progress,
         debug=debug,
+        processes=cfg.processes,
     )
     result = HeatmapResult(**vars(res))
     if cfg.slide_id is None and shard[0] == 0:
@@ -220,6 +223,14 @@ def write_png(arr: np.ndarray, final: Path, text: dict[str, str] | None = None) 
         Image.fromarray(np.ascontiguousarray(arr)).save(
             tmp, format="PNG", pnginfo=info, compress_level=3
         )
+
+
+def _render_job(
+    cfg: HeatmapConfig, out_dir: Path, job: tuple[str, Path, Path | None, np.ndarray | None]
+) -> None:
+    """run_per_slide's per-slide function (module level, so worker processes can run it)."""
+    _, att_file, slide_path, boxes = job
+    render_slide(cfg, att_file, slide_path, boxes, out_dir)
 
 
 def render_slide(
