@@ -4,6 +4,7 @@ import it (``--processes``)."""
 from __future__ import annotations
 
 import os
+import time
 
 from wsi_mil.batch import Skip, SlideWarning
 from wsi_mil.errors import SlideError
@@ -22,6 +23,13 @@ def outcome_by_name(x: str) -> None:
 
 
 def dies_on_die(x: str) -> None:
-    """Kills its own (worker) process for ``die``, as the out-of-memory killer would."""
+    """Kills its own (worker) process for ``die``, as the out-of-memory killer would; the
+    other names take 0.3 s, so the death is seen while they run."""
     if x == "die":
         os._exit(9)
+    time.sleep(0.3)
+
+
+def sleeps(x: str) -> None:
+    """Takes ``x`` seconds."""
+    time.sleep(float(x))

@@ -386,27 +386,81 @@ def _run_items(
             yield it, call_for_slide(fn, it, debug)
             bar.update(1)
         return
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures import FIRST_COMPLETED, wait
     from concurrent.futures.process import BrokenProcessPool
 
-    # spawn, not fork: this process may hold threads (progress bars, read pools, BLAS)
-    ctx = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(min(processes, len(items)), mp_context=ctx)
+    n_proc = min(processes, len(items))
+    todo = list(reversed(items))  # popped from the end: in order
+    running: dict[Any, T] = {}
+    pool = _process_pool(n_proc)
+    died = (
+        "its worker process died (out of memory?); run again (finished slides are skipped), "
+        "with fewer --processes"
+    )
     try:
-        futures = {pool.submit(call_for_slide, fn, it, debug): it for it in items}
-        for fut in as_completed(futures):
-            it = futures[fut]
-            bar.set_postfix_str(slide_id(it), refresh=False)
-            try:
-                outcome = fut.result()
-            except BrokenProcessPool:  # a worker was killed (out of memory?): the pool is gone
-                outcome = (
-                    "fail",
-                    "a worker process died while this slide was queued or running (out of "
-                    "memory?); run again (finished slides are skipped), with fewer --processes",
-                )
-            yield it, outcome
-            bar.update(1)
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        while todo or running:
+            # at most one slide per process in flight: an interrupt or a dead worker then
+            # costs only the slides being worked on
+            while todo and len(running) < n_proc:
+                try:
+                    running[pool.submit(call_for_slide, fn, todo[-1], debug)] = todo[-1]
+                    todo.pop()
+                except BrokenProcessPool:  # broke since the last wait: start a new one
+                    _stop_pool(pool)
+                    pool = _process_pool(n_proc)
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            broken = False
+            for fut in done:
+                it = running.pop(fut)
+                bar.set_postfix_str(slide_id(it), refresh=False)
+                try:
+                    outcome = fut.result()
+                except BrokenProcessPool:  # a worker was killed: its pool goes with it
+                    outcome, broken = ("fail", died), True
+                yield it, outcome
+                bar.update(1)
+            if broken:  # the slides still running died with the pool; the rest go on in a new one
+                for it in running.values():
+                    yield it, ("fail", died)
+                    bar.update(1)
+                running.clear()
+                _stop_pool(pool)
+                pool = _process_pool(n_proc)
+    except BaseException:
+        _stop_pool(pool, kill=True)  # Ctrl-C: do not wait for the slides being worked on
+        raise
+    _stop_pool(pool)
+
+
+def _process_pool(n: int) -> Any:
+    """``n`` worker processes (spawn, not fork: this process may hold threads) whose logging
+    is set up like this process's, so their warnings read like ours."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    root = logging.getLogger()
+    fmt = next((h.formatter._fmt for h in root.handlers if h.formatter and h.formatter._fmt), None)  # noqa: SLF001 - the format string a handler was given
+    return ProcessPoolExecutor(
+        n,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_init_worker_logging,
+        initargs=(root.level, fmt),
+    )
+
+
+def _init_worker_logging(level: int, fmt: str | None) -> None:
+    import sys
+
+    logging.basicConfig(level=level, format=fmt or "%(levelname)s: %(message)s", stream=sys.stderr)
+
+
+def _stop_pool(pool: Any, kill: bool = False) -> None:
+    """Shut ``pool`` down; ``kill``: end its worker processes now instead of waiting for them."""
+    if kill:
+        terminate = getattr(pool, "terminate_workers", None)  # Python >= 3.14
+        if terminate is not None:
+            terminate()
+        else:
+            for proc in list((getattr(pool, "_processes", None) or {}).values()):
+                proc.terminate()
+    pool.shutdown(wait=not kill, cancel_futures=True)

@@ -120,3 +120,14 @@ def test_damaged_chunk_is_a_store_error_naming_the_file(tmp_path, compression):
     with pytest.raises(StoreError, match=r"c\.1\.0\.0\.0: damaged chunk"):
         store.pixels(0, 40)
     np.testing.assert_array_equal(store.pixels(0, 16), pixels()[:16])  # other chunks still read
+
+
+def test_unreadable_chunk_is_a_store_error_and_empty_ranges_read_nothing(tmp_path):
+    store = write_ours(tmp_path / "u.zarr", "zstd", pixels())
+    chunk = store.path / "pixels" / "c.0.0.0.0"
+    chunk.write_bytes(b"garbage")
+    assert store.pixels(5, 5).shape == (0, P, P, 3)  # chunk 0 is not read for nothing
+    chunk.unlink()
+    chunk.mkdir()  # not a file at all
+    with pytest.raises(StoreError, match=r"c\.0\.0\.0\.0: damaged chunk"):
+        store.pixels(0, 3)

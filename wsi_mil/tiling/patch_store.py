@@ -218,7 +218,7 @@ class ChunkFileReader:
         except FileNotFoundError:  # never written: all fill value (zarr's rule)
             flat.fill(self.fill)
             return
-        except ValueError as e:
+        except (ValueError, OSError) as e:  # short/long file, a directory, EIO, permissions
             raise StoreError(f"{path}: damaged chunk ({e})", _REBUILD) from None
         import imagecodecs
 
@@ -241,6 +241,8 @@ class ChunkFileReader:
         n_rows = self.shape[0]
         start, stop = max(0, min(start, n_rows)), max(0, min(stop, n_rows))
         out = np.empty((max(0, stop - start),) + self.shape[1:], np.uint8)
+        if stop <= start:
+            return out
         c = self.chunk
         scratch: np.ndarray | None = None
         for index in range(start // c, -(-stop // c)):
@@ -409,7 +411,8 @@ class PatchStoreWriter:
 
     ``with PatchStoreWriter(final, coords, attrs, patch_size, pixels=True) as w:``
     ``    w.write_pixels(start, arr)`` ... ; ``w.commit()``. Leaving the block without
-    ``commit`` (e.g. an exception) removes the temporary store.
+    ``commit`` (e.g. an exception) removes the temporary store. ``encode_threads``: threads
+    that encode and write chunks (default: the CPUs this process may use).
     """
 
     def __init__(
@@ -421,6 +424,7 @@ class PatchStoreWriter:
         chunk_patches: int = 64,
         compressors: Any = "auto",
         tissue: np.ndarray | None = None,
+        encode_threads: int | None = None,
     ) -> None:
         self.final = Path(final)
         self.coords = np.asarray(coords, np.int64).reshape(-1, 2)
@@ -432,6 +436,7 @@ class PatchStoreWriter:
         self._ctx = atomic_path(self.final)
         self._committed = False
         self._encoder: Any = None
+        self._encode_threads = encode_threads
 
     def __enter__(self) -> PatchStoreWriter:
         self.tmp = self._ctx.__enter__()
@@ -496,7 +501,9 @@ class PatchStoreWriter:
         if self._encoder is None:
             from wsi_mil.batch import available_cpus
 
-            self._encoder = ThreadPoolExecutor(available_cpus(), thread_name_prefix="store-encode")
+            self._encoder = ThreadPoolExecutor(
+                self._encode_threads or available_cpus(), thread_name_prefix="store-encode"
+            )
         return self._encoder.submit(self._write_chunk, start // cp, arr)
 
     def _direct(self, start: int, n: int) -> bool:

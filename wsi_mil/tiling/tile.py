@@ -30,6 +30,7 @@ from wsi_mil.batch import (
     file_fingerprint,
     output_lock,
     params_digest,
+    pool_workers,
     run_per_slide,
     shard_items,
 )
@@ -302,6 +303,7 @@ def _build_store(
             chunk_patches=CHUNK_PATCHES,
             compressors=cfg.compression,
             tissue=tissue,
+            encode_threads=cfg.workers,  # a share of the CPUs with --processes
         ) as writer:
             if cfg.pixels and len(level_xy):
                 _write_pixels(writer, slide, choice, level_xy, pool, progress, sid)
@@ -374,7 +376,7 @@ def _write_pixels(
     # in flight.
     free: queue.SimpleQueue = queue.SimpleQueue()
     lent: dict[int, np.ndarray] = {}  # address -> recycled buffer a chunk was cut into
-    max_writes = 2 * available_cpus() + 2
+    max_writes = 2 * pool_workers(pool) + 2
 
     def get_buffer(n: int) -> np.ndarray:
         try:

@@ -131,20 +131,10 @@ def make_heatmaps(
     out_dir.mkdir(parents=True, exist_ok=True)
     clean_stale_tmp(out_dir, max_age_s=6 * 3600)
     save_resolved(cfg, out_dir / "config.yaml")
-    markers_cache: dict[Path, dict[str, np.ndarray]] = {}
-
-    def markers_for(sid: str) -> tuple[Path | None, np.ndarray | None]:
-        mp = find_markers_csv(cfg.markers, cfg.slides, paths.get(sid))
-        if mp is None:
-            return None, None
-        if mp not in markers_cache:
-            markers_cache[mp] = read_markers(mp)
-        return mp, markers_cache[mp].get(sid, np.zeros((0, 4), np.int64))
-
     ids = shard_items(list(files), shard, key=lambda s: s)
-    # one job per slide: (slide id, attention file, slide path, marker boxes), plain data
-    # that --processes sends to worker processes
-    jobs = [(s, files[s], paths.get(s), markers_for(s)[1]) for s in ids]
+    # one job per slide: (slide id, attention file, slide path), plain data that
+    # --processes sends to worker processes
+    jobs = [(s, files[s], paths.get(s)) for s in ids]
     res = run_per_slide(
         "heatmap",
         jobs,
@@ -225,12 +215,24 @@ def write_png(arr: np.ndarray, final: Path, text: dict[str, str] | None = None) 
         )
 
 
-def _render_job(
-    cfg: HeatmapConfig, out_dir: Path, job: tuple[str, Path, Path | None, np.ndarray | None]
-) -> None:
-    """run_per_slide's per-slide function (module level, so worker processes can run it)."""
-    _, att_file, slide_path, boxes = job
+def _render_job(cfg: HeatmapConfig, out_dir: Path, job: tuple[str, Path, Path | None]) -> None:
+    """run_per_slide's per-slide function (module level, so worker processes can run it).
+    A bad markers table fails the slides that use it, not the batch."""
+    sid, att_file, slide_path = job
+    mp = find_markers_csv(cfg.markers, cfg.slides, slide_path)
+    boxes = None if mp is None else _markers_table(mp).get(sid, np.zeros((0, 4), np.int64))
     render_slide(cfg, att_file, slide_path, boxes, out_dir)
+
+
+def _markers_table(path: Path) -> dict[str, np.ndarray]:
+    """read_markers(path), read once per process while the file is unchanged."""
+    st = path.stat()
+    return _read_markers_cached(str(path), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_markers_cached(path: str, mtime_ns: int, size: int) -> dict[str, np.ndarray]:
+    return read_markers(Path(path))
 
 
 def render_slide(
