@@ -75,3 +75,21 @@ def test_patch_smaller_than_a_mask_pixel():
 def test_inside_fraction():
     f = inside_fraction(np.array([[0, 0], [90, 0], [90, 90], [100, 0]]), 20, 100, 100)
     np.testing.assert_allclose(f, [1.0, 0.5, 0.25, 0.0])
+
+
+def test_fill_holes_equals_scipy() -> None:
+    from scipy import ndimage as ndi
+
+    from wsi_mil.tiling.tissue import fill_holes
+
+    rng = np.random.default_rng(0)
+    shapes = [(1, 1), (1, 7), (7, 1), (2, 2), (40, 60), (97, 33)]
+    for trial in range(120):
+        h, w = shapes[trial % len(shapes)]
+        m = ndi.uniform_filter(rng.random((h, w)), 3) > rng.uniform(0.2, 0.8)
+        np.testing.assert_array_equal(fill_holes(m), ndi.binary_fill_holes(m), err_msg=str(trial))
+    ring = np.zeros((9, 9), bool)
+    ring[2:7, 2:7] = True
+    ring[4, 4] = False  # a one-pixel hole
+    assert fill_holes(ring)[4, 4] and not fill_holes(ring)[0, 0]
+    assert fill_holes(np.ones((3, 3), bool)).all() and not fill_holes(np.zeros((3, 3), bool)).any()

@@ -81,11 +81,23 @@ def tissue_mask(thumb_rgb: np.ndarray, method: str = "otsu") -> np.ndarray:
     mask = ndi.minimum_filter(
         ndi.maximum_filter(mask, size=k, mode="nearest"), size=k, mode="nearest"
     )
-    mask = ndi.binary_fill_holes(mask.astype(bool)).astype(np.uint8)
+    mask = fill_holes(mask.astype(bool)).astype(np.uint8)
     mask = ndi.maximum_filter(
         ndi.minimum_filter(mask, size=3, mode="nearest"), size=3, mode="nearest"
     )
     return remove_small_objects(mask.astype(bool), max(4, int(MIN_OBJECT_FRACTION * h * w)))
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``scipy.ndimage.binary_fill_holes(mask)`` (4-connected background), 2x faster: one
+    labelling of the background; pieces of it that do not touch the border are holes."""
+    lab, n = ndi.label(~mask)
+    if n == 0:
+        return mask.copy()
+    outside = np.zeros(n + 1, bool)
+    outside[np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]])] = True
+    outside[0] = False  # label 0 is the foreground
+    return ~outside[lab]
 
 
 def remove_small_objects(mask: np.ndarray, min_px: int) -> np.ndarray:
