@@ -392,7 +392,7 @@ def _run_items(
     n_proc = min(processes, len(items))
     todo = list(reversed(items))  # popped from the end: in order
     running: dict[Any, T] = {}
-    pool = _process_pool(n_proc)
+    pool = process_pool(n_proc)
     died = (
         "its worker process died (out of memory?); run again (finished slides are skipped), "
         "with fewer --processes"
@@ -406,8 +406,8 @@ def _run_items(
                     running[pool.submit(call_for_slide, fn, todo[-1], debug)] = todo[-1]
                     todo.pop()
                 except BrokenProcessPool:  # broke since the last wait: start a new one
-                    _stop_pool(pool)
-                    pool = _process_pool(n_proc)
+                    stop_pool(pool)
+                    pool = process_pool(n_proc)
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             broken = False
             for fut in done:
@@ -424,22 +424,24 @@ def _run_items(
                     yield it, ("fail", died)
                     bar.update(1)
                 running.clear()
-                _stop_pool(pool)
-                pool = _process_pool(n_proc)
+                stop_pool(pool)
+                pool = process_pool(n_proc)
     except BaseException:
-        _stop_pool(pool, kill=True)  # Ctrl-C: do not wait for the slides being worked on
+        stop_pool(pool, kill=True)  # Ctrl-C: do not wait for the slides being worked on
         raise
-    _stop_pool(pool)
+    stop_pool(pool)
 
 
-def _process_pool(n: int) -> Any:
+def process_pool(n: int) -> Any:
     """``n`` worker processes (spawn, not fork: this process may hold threads) whose logging
     is set up like this process's, so their warnings read like ours."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     root = logging.getLogger()
-    fmt = next((h.formatter._fmt for h in root.handlers if h.formatter and h.formatter._fmt), None)  # noqa: SLF001 - the format string a handler was given
+    # the format string this process's handler was given (a Formatter keeps it as _fmt)
+    formats = [getattr(h.formatter, "_fmt", None) for h in root.handlers if h.formatter]
+    fmt = next((f for f in formats if f), None)
     return ProcessPoolExecutor(
         n,
         mp_context=multiprocessing.get_context("spawn"),
@@ -454,7 +456,7 @@ def _init_worker_logging(level: int, fmt: str | None) -> None:
     logging.basicConfig(level=level, format=fmt or "%(levelname)s: %(message)s", stream=sys.stderr)
 
 
-def _stop_pool(pool: Any, kill: bool = False) -> None:
+def stop_pool(pool: Any, kill: bool = False) -> None:
     """Shut ``pool`` down; ``kill``: end its worker processes now instead of waiting for them."""
     if kill:
         terminate = getattr(pool, "terminate_workers", None)  # Python >= 3.14

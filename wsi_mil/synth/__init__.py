@@ -15,7 +15,7 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from wsi_mil.batch import atomic_path, available_cpus
+from wsi_mil.batch import atomic_path, available_cpus, process_pool, stop_pool
 from wsi_mil.config import SynthConfig, save_resolved
 from wsi_mil.slides.table import SlideEntry, write_slide_table
 from wsi_mil.synth.markers import assign_splits, build_specs
@@ -155,8 +155,7 @@ def _write_one(spec: SlideSpec, path: Path, cfg: SynthConfig) -> Path:
 def _write_slides_in_processes(
     specs: list[SlideSpec], paths: list[Path], cfg: SynthConfig, procs: int, progress: bool
 ) -> None:
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures import as_completed
     from concurrent.futures.process import BrokenProcessPool
 
     from tqdm.auto import tqdm
@@ -166,8 +165,7 @@ def _write_slides_in_processes(
     workers = cfg.workers or available_cpus()
     # the CPUs left over (fewer slides than CPUs) render tiles in threads inside each process
     per_process = dataclasses.replace(cfg, workers=max(1, workers // procs))
-    # spawn, not fork: the parent may hold threads (progress bars, BLAS) that fork would copy
-    pool = ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn"))
+    pool = process_pool(procs)
     try:
         futures = [
             pool.submit(_write_one, s, p, per_process) for s, p in zip(specs, paths, strict=True)
@@ -182,7 +180,7 @@ def _write_slides_in_processes(
             "run again with fewer --workers: each worker process writes one slide",
         ) from None
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        stop_pool(pool)
 
 
 def _write_slides_in_threads(

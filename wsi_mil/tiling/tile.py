@@ -10,6 +10,7 @@ read tile-aligned, see :mod:`wsi_mil.tiling.read`), renamed into place when comp
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -144,30 +145,24 @@ def tile_slides(
     save_resolved(cfg, out / "config.yaml")
     items = shard_items(list(entries), shard, key=lambda e: e.slide_id)
     workers = cfg.workers or available_cpus()
-    if cfg.processes > 1 and len(items) > 1:
-        # each process tiles one slide at a time with its share of the threads
-        per_process = dataclasses.replace(cfg, workers=max(1, workers // cfg.processes))
+    with contextlib.ExitStack() as stack:
+        if cfg.processes > 1 and len(items) > 1:
+            # each process tiles one slide at a time with its share of the threads
+            per_process = dataclasses.replace(cfg, workers=max(1, workers // cfg.processes))
+            fn: Any = functools.partial(_tile_slide_in_worker, per_process)
+        else:
+            pool = stack.enter_context(ThreadPoolExecutor(workers, thread_name_prefix="tile-read"))
+            fn = lambda e: tile_slide(cfg, e, pool=pool, progress=progress)  # noqa: E731
         return run_per_slide(
             "tile",
             items,
-            functools.partial(_tile_slide_in_worker, per_process),
+            fn,
             work,
             slide_id=lambda e: e.slide_id,
             slide_path=lambda e: e.path,
             progress=progress,
             debug=debug,
             processes=cfg.processes,
-        )
-    with ThreadPoolExecutor(workers, thread_name_prefix="tile-read") as pool:
-        return run_per_slide(
-            "tile",
-            items,
-            lambda e: tile_slide(cfg, e, pool=pool, progress=progress),
-            work,
-            slide_id=lambda e: e.slide_id,
-            slide_path=lambda e: e.path,
-            progress=progress,
-            debug=debug,
         )
 
 
