@@ -56,10 +56,38 @@ def read_patches_from_slide(
 
 
 def resize_rgb(img: np.ndarray, size_px: int) -> np.ndarray:
-    """Bilinear resize of an (h, w, 3) uint8 image to (size_px, size_px, 3) (Pillow)."""
-    from PIL import Image
+    """(size_px, size_px, 3) uint8: an (h, w, 3) uint8 image resized as :func:`resize_patches`."""
+    return resize_patches(np.asarray(img)[None], size_px)[0]
 
-    return np.asarray(Image.fromarray(img).resize((size_px, size_px), Image.Resampling.BILINEAR))
+
+def resize_patches(patches: np.ndarray, size_px: int, out: np.ndarray | None = None) -> np.ndarray:
+    """(n, size_px, size_px, 3) uint8: each (h, w, 3) uint8 patch of ``patches`` (n, h, w, 3)
+    resized bilinearly, antialiased when shrinking; written into ``out`` when given.
+
+    Torch's uint8 channels-last kernel: within 1 grey level of Pillow's ``BILINEAR`` (which
+    CLAM uses) and about 5x faster than it on 2 CPUs (``--mpp`` between pyramid levels
+    spent most of its time here). Runs in the calling thread and releases the GIL.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    arr = np.asarray(patches)
+    if arr.ndim != 4 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
+        raise ValueError(f"expected (n, h, w, 3) uint8 patches, got {arr.shape} {arr.dtype}")
+    if out is None:
+        out = np.empty((len(arr), size_px, size_px, 3), np.uint8)
+    if len(arr) == 0:
+        return out
+    if not (arr.flags.c_contiguous and arr.flags.writeable):  # torch.from_numpy needs both
+        arr = np.array(arr, order="C")
+    # NHWC memory seen as NCHW: the channels-last layout torch's fast uint8 path takes
+    src = torch.from_numpy(arr).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        res = F.interpolate(
+            src, size=(size_px, size_px), mode="bilinear", antialias=True, align_corners=False
+        )
+    np.copyto(out, res.permute(0, 2, 3, 1).numpy())
+    return out
 
 
 # ---------------------------------------------------------------- block plan (pure)
@@ -489,10 +517,6 @@ def _iter_scatter_resized(
         lent[buf.ctypes.data] = buf
         return buf[:m]
 
-    def resize_into(src: np.ndarray, dst: np.ndarray) -> None:
-        for k in range(len(src)):
-            dst[k] = resize_rgb(src[k], patch_px)
-
     outs: dict[int, list] = {}  # output chunk -> [buffer, sub-chunks not resized yet]
     pending: collections.deque[tuple[int, Future, np.ndarray]] = collections.deque()
     next_q = 0
@@ -522,7 +546,7 @@ def _iter_scatter_resized(
                 outs[q] = [buf, -(-m // sub)]
             k0 = s - q * chunk_patches
             dst = outs[q][0][k0 : k0 + len(level_px)]
-            pending.append((q, pool.submit(resize_into, level_px, dst), level_px))
+            pending.append((q, pool.submit(resize_patches, level_px, patch_px, dst), level_px))
             while pending and (pending[0][1].done() or len(pending) > 2 * n_workers):
                 finish_oldest()
             while next_q in outs and outs[next_q][1] == 0:
