@@ -60,6 +60,12 @@ def resize_rgb(img: np.ndarray, size_px: int) -> np.ndarray:
     return resize_patches(np.asarray(img)[None], size_px)[0]
 
 
+def _import_resize() -> None:
+    """Import torch (for :func:`resize_patches`) in the calling thread, before the pool's
+    threads need it: one import, not several racing ones."""
+    import torch  # noqa: F401
+
+
 def resize_patches(patches: np.ndarray, size_px: int, out: np.ndarray | None = None) -> np.ndarray:
     """(n, size_px, size_px, 3) uint8: each (h, w, 3) uint8 patch of ``patches`` (n, h, w, 3)
     resized bilinearly, antialiased when shrinking; written into ``out`` when given.
@@ -504,6 +510,7 @@ def _iter_scatter_resized(
     into level-resolution sub-chunks, resize them in the pool into the output chunks, yield
     those in order."""
     n = len(xy)
+    _import_resize()
     pl = patch_px_level
     # sub-chunks: a divisor of the chunk size, at most RESIZE_SUBCHUNK_BYTES of level pixels
     limit = max(1, RESIZE_SUBCHUNK_BYTES // (3 * pl * pl))
@@ -574,6 +581,8 @@ def _iter_per_patch(
     """:func:`iter_patch_chunks` by one window read per patch, for levels whose windows are
     not exact (see ``Slide.windows_exact``): slow, but equal to ``read_region`` per patch."""
     n = len(xy)
+    if patch_px_level != patch_px:
+        _import_resize()
     n_workers = pool_workers(pool)
 
     def read(buf: np.ndarray, s: int, e: int, k0: int) -> None:
