@@ -93,3 +93,56 @@ def test_fill_holes_equals_scipy() -> None:
     ring[4, 4] = False  # a one-pixel hole
     assert fill_holes(ring)[4, 4] and not fill_holes(ring)[0, 0]
     assert fill_holes(np.ones((3, 3), bool)).all() and not fill_holes(np.zeros((3, 3), bool)).any()
+
+
+@pytest.mark.parametrize("k", [1, 3, 5, 7, 9, 21])
+def test_square_filters_equal_scipy(k: int) -> None:
+    from scipy import ndimage as ndi
+
+    from wsi_mil.tiling.tissue import max_filter, mean_filter, min_filter
+
+    rng = np.random.default_rng(k)
+    shapes = [(1, 1), (1, 9), (9, 1), (2, 3), (k - 1 or 1, k + 1), (64, 97), (257, 130)]
+    for trial in range(3 * len(shapes)):
+        h, w = shapes[trial % len(shapes)]
+        kind = trial // len(shapes)
+        if kind == 0:  # a binary mask, as the tissue pipeline filters
+            x = (rng.random((h, w)) < rng.uniform(0.1, 0.9)).astype(np.uint8)
+        elif kind == 1:  # noise over the whole range (rounding of the mean)
+            x = rng.integers(0, 256, (h, w), dtype=np.uint8)
+        else:  # smooth ramps with flat runs
+            x = np.clip(np.cumsum(rng.integers(-3, 4, (h, w)), axis=1) + 128, 0, 255)
+            x = x.astype(np.uint8)
+        msg = f"shape {h}x{w}, kind {kind}"
+        np.testing.assert_array_equal(
+            max_filter(x, k), ndi.maximum_filter(x, k, mode="nearest"), msg
+        )
+        np.testing.assert_array_equal(
+            min_filter(x, k), ndi.minimum_filter(x, k, mode="nearest"), msg
+        )
+        np.testing.assert_array_equal(
+            mean_filter(x, k), ndi.uniform_filter(x, k, mode="nearest"), msg
+        )
+
+
+def test_mask_equals_the_scipy_pipeline() -> None:
+    """tissue_mask with its own filters gives the mask scipy's filters gave (stores unchanged)."""
+    from scipy import ndimage as ndi
+
+    from wsi_mil.tiling.tissue import MIN_OBJECT_FRACTION, fill_holes, remove_small_objects
+
+    def reference(rgb: np.ndarray) -> np.ndarray:
+        h, w = rgb.shape[:2]
+        sat = ndi.uniform_filter(saturation(rgb), size=5, mode="nearest")
+        mask = (sat >= max(otsu_threshold(sat), 20)).astype(np.uint8)
+        k = 2 * max(1, round(min(h, w) / 400)) + 1
+        mask = ndi.minimum_filter(ndi.maximum_filter(mask, k, mode="nearest"), k, mode="nearest")
+        mask = fill_holes(mask.astype(bool)).astype(np.uint8)
+        mask = ndi.maximum_filter(ndi.minimum_filter(mask, 3, mode="nearest"), 3, mode="nearest")
+        return remove_small_objects(mask.astype(bool), max(4, int(MIN_OBJECT_FRACTION * h * w)))
+
+    for seed, (h, w) in enumerate([(300, 420), (1024, 800), (97, 61)]):
+        rgb = tissue_slide_image(h, w, seed=seed)
+        got = tissue_mask(rgb)
+        assert 0 < got.mean() < 1, "the image should have tissue and glass"
+        np.testing.assert_array_equal(got, reference(rgb))
