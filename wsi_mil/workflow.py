@@ -102,7 +102,10 @@ def patches_dir(config_path: str | os.PathLike) -> Path:
 
 
 def run_dir(config_path: str | os.PathLike, stage: str = "train") -> Path:
-    return Path(resolve_options(stage, config_path).get("run") or "runs/default")
+    """The run folder a stage uses (``run:``), else ``runs/default`` as train/predict default."""
+    v = resolve_options(stage, config_path).get("run")
+    # a required option without a value resolves to click's unset marker, not a path
+    return Path(v) if isinstance(v, (str, os.PathLike)) and str(v) else Path("runs/default")
 
 
 def single_slide_table(entry: Any, folder: str | os.PathLike) -> Path:

@@ -14,6 +14,7 @@ from wsi_mil.workflow import (
     features_dir,
     plan_stages,
     resolve_options,
+    run_dir,
     single_slide_table,
     synth_up_to_date,
 )
@@ -52,6 +53,24 @@ def test_options_resolve_like_the_stage_commands(tmp_path):
     assert features_dir(cfg, "train") == d  # cached training reads what extract wrote
     other = _cfg(tmp_path, "work: W\nextract:\n  feature-dim: 64\ntrain:\n  feature-dim: 64\n")
     assert features_dir(other) != d and features_dir(other) == features_dir(other, "train")
+
+
+def test_run_folder_defaults_without_a_run_key(tmp_path):
+    """No `run:` key: every stage's run folder is runs/default (heatmap's --run is required,
+    and resolving it used to hand click's unset marker to Path)."""
+    cfg = _cfg(tmp_path, "slides: s.csv\nwork: W\n")
+    for stage in ("train", "predict", "heatmap"):
+        assert run_dir(cfg, stage) == Path("runs/default")
+    with_run = _cfg(tmp_path, "slides: s.csv\nrun: R\nheatmap:\n  run: H\n")
+    assert run_dir(with_run, "predict") == Path("R") and run_dir(with_run, "heatmap") == Path("H")
+
+
+def test_dry_run_without_a_run_key(cli, tmp_path):
+    (tmp_path / "m.yaml").write_text("slides: S/slides.csv\nwork: W\n")
+    r = cli("run", "--config", "m.yaml", "--dry-run", cwd=tmp_path, env=pipeline_env())
+    assert r.returncode == 0, r.stderr
+    assert "runs/default/heatmaps/<slide_id>.png" in r.stdout
+    assert "internal error" not in r.stderr
 
 
 def test_single_slide_table_roundtrip(tmp_path, tiny_slides):
