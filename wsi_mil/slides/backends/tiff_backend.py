@@ -199,6 +199,7 @@ class TiffSlide(Slide):
         try:
             self._series_index, series = self._pick_series()
             self._levels = self._build_levels(series)
+            self._use_significant_bits()
             self._native_mpp = self._find_mpp(series)
         except Exception:
             self._tf.close()
@@ -237,16 +238,22 @@ class TiffSlide(Slide):
 
     def _make_level(self, lv: Any) -> _Level:
         # TiffFrames (light pages in multi-page series) need to become full pages to decode
-        pages = [p.aspage() if hasattr(p, "aspage") else p for p in lv.pages if p is not None]
-        page = pages[0]
+        def full(p: Any) -> Any:
+            return p.aspage() if hasattr(p, "aspage") else p
+
+        channel_pages = _channel_pages(lv)
+        if channel_pages is None:
+            page = full(next(p for p in lv.pages if p is not None))
+        else:
+            page = full(channel_pages[0])
         if getattr(page, "tiledepth", 1) not in (1, None) or getattr(page, "imagedepth", 1) > 1:
             raise SlideError(f"{self.path}: volumetric (tiled depth) TIFFs are not supported")
         spp = int(page.samplesperpixel)
         photometric = int(page.photometric)
-        axes = lv.axes
-        if spp == 1 and "C" in axes and lv.shape[axes.index("C")] >= 3 and len(pages) >= 3:
-            # channels stored as separate grayscale pages (OME "CYX" with SizeC=3)
-            pages = pages[:3]
+        if spp == 1 and channel_pages is not None:
+            # channels stored as separate grayscale pages (OME "CYX", "TCZYX", ... with SizeC >= 3):
+            # the first three channels of the first plane (t = 0, z = 0, ...) as RGB
+            pages = [page] + [full(p) for p in channel_pages[1:]]
         else:
             pages = [page]
         if photometric not in (0, 1, 2, 3, 6):
@@ -290,6 +297,19 @@ class TiffSlide(Slide):
             colormap=colormap,
             jpeg=jpeg,
         )
+
+    def _use_significant_bits(self) -> None:
+        """Integer samples with fewer significant bits than stored (OME ``SignificantBits``, e.g.
+        12-bit camera data in uint16) map their top significant bits to uint8, not the top 8
+        stored bits (which would leave such an image nearly black)."""
+        tf = self._tf
+        if not (tf.is_ome and tf.ome_metadata):
+            return
+        sig = _ome_significant_bits(tf.ome_metadata, self._series_index)
+        for lv in self._levels:
+            if sig is not None and 8 <= sig < lv.bits and lv.photometric != 3:
+                if np.dtype(lv.pages[0].dtype).kind == "u":
+                    lv.bits = sig
 
     def _find_mpp(self, series: Any) -> float | None:
         tf = self._tf
@@ -404,7 +424,7 @@ class TiffSlide(Slide):
             arr = np.stack(planes, axis=-1)
         else:
             arr = self._decode_segment(lv.pages[0], seg, lv)
-        arr = to_uint8(arr, lv.bits if lv.bits in (10, 12, 14, 16) else None)
+        arr = to_uint8(arr, lv.bits if 8 < lv.bits <= 16 else None)
         if lv.photometric == 0:  # MinIsWhite
             arr = 255 - arr
         elif lv.photometric == 3 and lv.colormap is not None:
@@ -453,8 +473,34 @@ class TiffSlide(Slide):
             self.close()
 
 
-def _ome_mpp(xml: str, series_index: int) -> float | None:
-    """PhysicalSizeX (converted to µm) of the ``series_index``-th OME Image, or None."""
+def _channel_pages(lv: Any) -> list[Any] | None:
+    """The pages of channels 0, 1, 2 at index 0 of every other page axis (T, Z, ...) of a
+    series level whose channels are separate pages, or None (fewer than 3 channels, channels
+    as samples, or a page layout that does not match the series shape)."""
+    try:
+        axes = lv.get_axes(False)
+        shape = lv.get_shape(False)
+    except Exception:  # noqa: BLE001
+        return None
+    page_dims = [(a, int(n)) for a, n in zip(axes, shape, strict=True) if a not in "YXS"]
+    names = [a for a, _ in page_dims]
+    sizes = [n for _, n in page_dims]
+    if "C" not in names or sizes[names.index("C")] < 3 or int(np.prod(sizes)) != len(lv.pages):
+        return None
+    ci = names.index("C")
+    pages = []
+    for c in range(3):
+        idx = [0] * len(sizes)
+        idx[ci] = c
+        page = lv.pages[int(np.ravel_multi_index(idx, sizes))]
+        if page is None:
+            return None
+        pages.append(page)
+    return pages
+
+
+def _ome_pixels(xml: str, series_index: int) -> Any:
+    """The ``Pixels`` element of the ``series_index``-th OME Image, or None."""
     import xml.etree.ElementTree as ET
 
     try:
@@ -467,17 +513,35 @@ def _ome_mpp(xml: str, series_index: int) -> float | None:
     img = images[min(series_index, len(images) - 1)] if series_index >= 0 else images[0]
     for el in img.iter():
         if el.tag.endswith("Pixels"):
-            size = el.get("PhysicalSizeX")
-            if size is None:
-                return None
-            unit = el.get("PhysicalSizeXUnit", "µm")
-            factor = UM_PER_UNIT.get(unit)
-            try:
-                v = float(size) * factor if factor is not None else None
-            except ValueError:
-                return None
-            return v if v and v > 0 else None
+            return el
     return None
+
+
+def _ome_mpp(xml: str, series_index: int) -> float | None:
+    """PhysicalSizeX (converted to µm) of the ``series_index``-th OME Image, or None."""
+    el = _ome_pixels(xml, series_index)
+    if el is None:
+        return None
+    size = el.get("PhysicalSizeX")
+    if size is None:
+        return None
+    unit = el.get("PhysicalSizeXUnit", "µm")
+    factor = UM_PER_UNIT.get(unit)
+    try:
+        v = float(size) * factor if factor is not None else None
+    except ValueError:
+        return None
+    return v if v and v > 0 else None
+
+
+def _ome_significant_bits(xml: str, series_index: int) -> int | None:
+    """OME ``SignificantBits`` of the ``series_index``-th Image (e.g. 12 for 12-bit camera data
+    stored as uint16), or None."""
+    el = _ome_pixels(xml, series_index)
+    try:
+        return int(el.get("SignificantBits")) if el is not None else None
+    except (TypeError, ValueError):
+        return None
 
 
 def _resolution_mpp(page: Any) -> float | None:
