@@ -82,3 +82,53 @@ def test_cli_top_level_run_sets_the_run_folder(tmp_path, cli):
         r = cli(cmd, "--config", str(cfg), cwd=tmp_path)
         assert r.returncode == 2 and "Traceback" not in r.stderr
         assert "R/top" in r.stderr and "runs/default" not in r.stderr, r.stderr
+
+
+def test_cli_typo_in_top_level_key_or_section_is_refused(tmp_path, cli):
+    (tmp_path / "s.csv").write_text("slide_id,path\n")
+    for text, bad, guess in (
+        ("slides: s.csv\nwrok: W\n", "wrok", "work"),
+        ("slides: s.csv\ntrian:\n  epochs: 3\n", "trian", "train"),
+        ("slides: s.csv\npatch-sise: 64\n", "patch-sise", "patch-size"),
+    ):
+        (tmp_path / "c.yaml").write_text(text)
+        r = cli("tile", "--config", "c.yaml", cwd=tmp_path)
+        assert r.returncode == 2, r.stderr
+        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        assert f"unknown top-level key(s): {bad} (did you mean '{guess}'?)" in r.stderr
+        assert not (tmp_path / "work").exists()  # refused before doing anything
+
+
+def test_top_level_keys_of_any_command_or_section_are_accepted(tmp_path):
+    from wsi_mil.cli import cli as group
+    from wsi_mil.cli.common import _check_top_level_keys
+
+    # epochs (train), patch-size (tile), n-slides (synth), style (heatmap), stages (run),
+    # a workflow: section (the Snakefile) and every command's section
+    p = tmp_path / "c.yaml"
+    p.write_text(
+        "epochs: 2\npatch-size: 64\nn_slides: 3\nstyle: smooth\nstages: train\n"
+        "workflow:\n  threads: {tile: 2}\nsynth:\ntile:\n  level: 1\nrun: R\n"
+    )
+    for cmd in group.commands.values():
+        _check_top_level_keys(str(p), cmd)
+    p.write_text("epocs: 2\n")
+    with pytest.raises(ConfigError, match="epocs .did you mean 'epochs'"):
+        _check_top_level_keys(str(p), group.commands["tile"])
+
+
+def test_shipped_configs_pass_the_unknown_key_check():
+    from pathlib import Path
+
+    import click
+
+    from wsi_mil.cli import cli as group
+    from wsi_mil.cli.common import _load_config
+
+    configs = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+    assert configs
+    for c in configs:
+        for name, cmd in group.commands.items():
+            ctx = click.Context(cmd)
+            _load_config(ctx, None, str(c))  # raises ConfigError on any unknown key
+            assert ctx.default_map is not None, (c, name)

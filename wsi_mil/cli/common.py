@@ -31,19 +31,79 @@ def _option_names(command: click.Command) -> dict[str, str]:
     return names
 
 
+#: top-level sections that are not commands: the Snakefile reads ``workflow:``
+EXTRA_SECTIONS = ("workflow",)
+
+
+def known_config_keys(command: click.Command | None = None) -> set[str]:
+    """Every key a config file may hold at top level: an option of any ``wsi-mil`` command
+    (config files are shared by all stages of ``wsi-mil run``), a command's section, or a
+    section read by the workflows."""
+    from wsi_mil.cli import cli
+    from wsi_mil.config import COMMANDS
+
+    known = set(COMMANDS) | set(EXTRA_SECTIONS)
+    for cmd in [*cli.commands.values(), *([command] if command else [])]:
+        known |= set(_option_names(cmd))
+    return known
+
+
+def _unknown_key_error(path: str, where: str, keys: list[str], known: set[str], hint: str) -> Any:
+    """ConfigError naming the unknown keys, with difflib's closest known key for each."""
+    import difflib
+
+    from wsi_mil.errors import ConfigError
+
+    shown = []
+    for k in keys:
+        close = difflib.get_close_matches(_norm_key(k), sorted(known), n=1, cutoff=0.6)
+        if close:
+            guess = close[0] if "_" in str(k) else close[0].replace("_", "-")
+            shown.append(f"{k} (did you mean '{guess}'?)")
+        else:
+            shown.append(str(k))
+    return ConfigError(f"{path}: unknown {where}: {', '.join(shown)}", hint)
+
+
+def _norm_key(key: Any) -> str:
+    return str(key).strip().lstrip("-").replace("-", "_")
+
+
+def _check_top_level_keys(path: str, command: click.Command) -> None:
+    """Top-level keys no command and no section knows are typos: refuse them."""
+    from pathlib import Path
+
+    import yaml
+
+    data = yaml.safe_load(Path(path).read_text()) or {}  # load_config_file validated it
+    known = known_config_keys(command)
+    unknown = [k for k in data if _norm_key(k) not in known]
+    if unknown:
+        raise _unknown_key_error(
+            path,
+            "top-level key(s)",
+            unknown,
+            known,
+            "top-level keys are long option names of the wsi-mil commands or sections named "
+            "after a command; see 'wsi-mil <command> --help'",
+        )
+
+
 def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
     if value:
-        from wsi_mil.errors import ConfigError
-
         defaults = load_config_file(value, ctx.command.name or "")
+        _check_top_level_keys(value, ctx.command)
         names = _option_names(ctx.command)
         # top-level keys may belong to other commands and are ignored here; keys in this
         # command's own section must be options of this command
         top_level = set(load_config_file(value, "__none__"))
         unknown = sorted(k for k in defaults if k not in names and k not in top_level)
         if unknown:
-            raise ConfigError(
-                f"{value}: unknown option(s) for '{ctx.command.name}': {', '.join(unknown)}",
+            raise _unknown_key_error(
+                value,
+                f"option(s) for '{ctx.command.name}'",
+                unknown,
+                set(names),
                 f"see 'wsi-mil {ctx.command.name} --help' for the option names",
             )
         mapped = {names[k]: v for k, v in defaults.items() if k in names and names[k] != "config"}
