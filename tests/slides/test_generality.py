@@ -430,3 +430,31 @@ def test_ome_significant_bits_scale_12_bit_data(tmp_path):
     )
     with open_slide(plain) as s:
         assert s.read_region(0, 0, 0, 110, 90).max() == 15
+
+
+@pytest.mark.parametrize("unit", ["micron", "um", "\\u00B5m", "nm"])
+def test_imagej_tiff_calibration_gives_mpp(tmp_path, unit):
+    """Fiji/ImageJ TIFFs store px per ``unit`` (from the description) with ResolutionUnit
+    "none": that is the slide's mpp, so ``--mpp`` works on them."""
+    path = tmp_path / "fiji.tif"
+    px_per_unit = 1 / 325.0 if unit == "nm" else 1 / 0.325
+    data = RNG.integers(0, 4096, (3, 40, 50), dtype=np.uint16)
+    tifffile.imwrite(
+        path,
+        data,
+        imagej=True,
+        resolution=(px_per_unit, px_per_unit),
+        metadata={"unit": unit, "axes": "CYX"},
+    )
+    with open_slide(path) as s:
+        assert s.mpp == pytest.approx(0.325)
+        # channels as pages: channels 0-2 as RGB
+        expected = np.moveaxis((data >> 8).astype(np.uint8), 0, -1)
+        assert np.array_equal(s.read_region(0, 0, 0, 50, 40), expected)
+
+
+def test_imagej_tiff_without_unit_has_no_mpp(tmp_path):
+    path = tmp_path / "fiji.tif"
+    tifffile.imwrite(path, IMG, imagej=True, resolution=(2.0, 2.0), metadata={"axes": "YXS"})
+    with open_slide(path) as s:
+        assert s.mpp is None

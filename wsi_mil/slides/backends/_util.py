@@ -22,6 +22,7 @@ UM_PER_UNIT = {
     "micrometer": 1.0,
     "micron": 1.0,
     "µm": 1.0,
+    "\\u00B5m": 1.0,  # ImageJ writes µm escaped
     "μm": 1.0,
     "um": 1.0,
     "millimeter": 1e3,

@@ -6,7 +6,14 @@ imagecodecs); a small LRU cache of decoded tiles makes patch-by-patch reading of
 neighbouring patches cheap. Windows aligned to :meth:`tile_grid` decode each tile once.
 
 mpp: OME ``PhysicalSizeX`` (+ unit) > Aperio ``MPP =`` > XResolution/ResolutionUnit
-(centimetre or inch, the same rule OpenSlide applies to generic TIFFs).
+(centimetre or inch, the same rule OpenSlide applies to generic TIFFs; ImageJ/Fiji TIFFs:
+XResolution in the description's ``unit=``).
+
+Pixels: 3-sample RGB/YCbCr as is; grayscale replicated; palette through its colour map;
+alpha composited over white; channels stored as separate grayscale pages (OME / ImageJ
+``CYX``, ``TCZYX``, ...): channels 0, 1, 2 of the first time point and z-plane as RGB when
+there are at least 3, else channel 0 as gray. Samples wider than 8 bits keep their top 8
+significant bits (OME ``SignificantBits``, else BitsPerSample).
 """
 
 from __future__ import annotations
@@ -325,7 +332,10 @@ class TiffSlide(Slide):
                 v = float(m.group(1))
                 if v > 0:
                     return v
-        return _resolution_mpp(page0)
+        unit = None
+        if tf.is_imagej:  # Fiji/ImageJ: ResolutionUnit none, the unit in the description
+            unit = UM_PER_UNIT.get(str((tf.imagej_metadata or {}).get("unit", "")).strip())
+        return _resolution_mpp(page0, unit)
 
     # -- Slide API -----------------------------------------------------------
     @property
@@ -544,8 +554,9 @@ def _ome_significant_bits(xml: str, series_index: int) -> int | None:
         return None
 
 
-def _resolution_mpp(page: Any) -> float | None:
-    """µm/px from XResolution + ResolutionUnit (centimetre or inch), as OpenSlide reports it."""
+def _resolution_mpp(page: Any, um_per_unit: float | None = None) -> float | None:
+    """µm/px from XResolution + ResolutionUnit (centimetre or inch), as OpenSlide reports it;
+    with ResolutionUnit "none", ``um_per_unit`` µm per resolution unit when given (ImageJ)."""
     tag = page.tags.get("XResolution")
     unit_tag = page.tags.get("ResolutionUnit")
     if tag is None or unit_tag is None:
@@ -559,4 +570,6 @@ def _resolution_mpp(page: Any) -> float | None:
         return 1e4 / px_per_unit
     if unit == 2:
         return 25400.0 / px_per_unit
+    if unit == 1 and um_per_unit:
+        return um_per_unit / px_per_unit
     return None
