@@ -4,8 +4,9 @@ Levels are the multiscales ``datasets`` in order; level 0 mpp comes from the fir
 dataset's ``scale`` transform (times any multiscale-wide scale) on the x axis, converted
 from the axis ``unit`` to µm (None when the axis has no unit). Axes may be any NGFF
 order (``c,y,x``, ``t,c,z,y,x``, ...) and also the non-standard ``y,x,c``; t/z take index 0.
-Channels: 3 -> RGB, 4 -> RGB(A, ignored), 1 -> gray replicated; other counts use
-channel 0 as gray. A bioformats2raw layout (image in ``0/``) is followed.
+Channels: 3 or more -> channels 0, 1, 2 as RGB (a 4th, e.g. alpha, is ignored); 1 or 2
+-> channel 0 as gray, replicated. Samples wider than 8 bits keep their top 8 bits (uint16:
+``>> 8``; floats are taken as 0..1). A bioformats2raw layout (image in ``0/``) is followed.
 """
 
 from __future__ import annotations
