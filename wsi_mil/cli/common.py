@@ -89,6 +89,39 @@ def _check_top_level_keys(path: str, command: click.Command) -> None:
         )
 
 
+def _check_values(
+    ctx: click.Context,
+    path: str,
+    values: dict[str, Any],
+    top_level: dict[str, Any],
+    names: dict[str, str],
+) -> None:
+    """Each config value must suit its option's type; the error names the file and the key
+    (click's own "Invalid value for '--norm'" would not say where the value came from)."""
+    from wsi_mil.errors import ConfigError
+
+    params = {p.name: p for p in ctx.command.params}
+    cmd = ctx.command.name
+    for k, v in values.items():
+        p = params.get(names.get(k, ""))
+        if p is None or p.name == "config" or v is None:
+            continue
+        try:
+            p.type_cast_value(ctx, v)
+        except click.BadParameter as e:
+            key = k.replace("_", "-")
+            if k in top_level and top_level[k] == v:
+                raise ConfigError(
+                    f"{path}: top-level key '{key}': {e.format_message()} (for 'wsi-mil {cmd}')",
+                    f"a top-level key applies to every command with that option; to set it for "
+                    f"one command only, move it under that command's section (e.g. '{cmd}:')",
+                ) from None
+            raise ConfigError(
+                f"{path}: '{cmd}:' section key '{key}': {e.format_message()}",
+                f"see 'wsi-mil {cmd} --help'",
+            ) from None
+
+
 def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
     if value:
         defaults = load_config_file(value, ctx.command.name or "")
@@ -96,7 +129,7 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
         names = _option_names(ctx.command)
         # top-level keys may belong to other commands and are ignored here; keys in this
         # command's own section must be options of this command
-        top_level = set(load_config_file(value, "__none__"))
+        top_level = load_config_file(value, "__none__")
         unknown = sorted(k for k in defaults if k not in names and k not in top_level)
         if unknown:
             raise _unknown_key_error(
@@ -107,6 +140,7 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
                 f"see 'wsi-mil {ctx.command.name} --help' for the option names",
             )
         mapped = {names[k]: v for k, v in defaults.items() if k in names and names[k] != "config"}
+        _check_values(ctx, value, defaults, top_level, names)
         ctx.default_map = {**(ctx.default_map or {}), **mapped}
     return value
 

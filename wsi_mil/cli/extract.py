@@ -64,10 +64,12 @@ from wsi_mil.cli.common import (
 )
 @click.option(
     "--norm",
-    type=click.Choice(["bn", "groupnorm"]),
+    type=click.Choice(["bn", "frozen-bn", "groupnorm"]),
     default="bn",
     show_default=True,
-    help="Normalisation layers of resnet-patch-cnn (must match --weights; an encoder.pt carries its own).",
+    help="Normalisation layers of resnet-patch-cnn (must match --weights; an encoder.pt carries "
+    "its own). frozen-bn (train's name) is bn: extraction always uses BatchNorm's running "
+    "statistics, so a top-level 'norm:' shared with 'wsi-mil train' works for both.",
 )
 @click.option(
     "--batch-size",
@@ -84,10 +86,10 @@ from wsi_mil.cli.common import (
 )
 @click.option(
     "--device",
-    type=click.Choice(["auto", "cpu", "cuda"]),
     default="auto",
     show_default=True,
-    help="auto: cuda when available (bf16 autocast, channels_last), else cpu.",
+    help="auto | cpu | cuda | cuda:N. auto: cuda when available (bf16 autocast, "
+    "channels_last), else cpu.",
 )
 @click.option(
     "--dtype",

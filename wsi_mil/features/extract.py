@@ -52,17 +52,34 @@ DTYPES = ("float32", "float16")
 
 # ---------------------------------------------------------------- config helpers
 def resolve_device(spec: str = "auto") -> torch.device:
-    """``auto`` -> cuda if available else cpu; ``cuda`` without a GPU is a ConfigError."""
-    if spec in (None, "", "auto"):
+    """``auto`` -> cuda if available else cpu; ``cpu``, ``cuda``, ``cuda:N`` as given.
+
+    ``cuda``/``cuda:N`` without that GPU, or anything that is not a device, is a ConfigError.
+    """
+    spec = str(spec or "auto").strip().lower()
+    if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(
-            f"--device {spec} but no CUDA device is visible", "use --device auto or --device cpu"
-        )
     try:
-        return torch.device(spec)
+        dev = torch.device(spec)
     except RuntimeError:
-        raise ConfigError(f"--device {spec!r} is not a device", "use auto, cpu or cuda") from None
+        raise ConfigError(
+            f"--device {spec!r} is not a device", "use auto, cpu, cuda or cuda:N"
+        ) from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"--device {spec} but no CUDA device is visible",
+                "use --device auto or --device cpu",
+            )
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise ConfigError(
+                f"--device {spec} but only {n} CUDA device(s) are visible (cuda:0..cuda:{n - 1})",
+                "pick a visible GPU or use --device cuda",
+            )
+    elif dev.type != "cpu":
+        raise ConfigError(f"--device {spec!r} is not supported", "use auto, cpu, cuda or cuda:N")
+    return dev
 
 
 def default_workers() -> int:
