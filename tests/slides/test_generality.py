@@ -407,29 +407,30 @@ def test_ome_tiff_channels_come_from_first_plane(tmp_path, axes):
         assert np.array_equal(s.read_region(0, 0, 0, 50, 40), expected)
 
 
-def test_ome_significant_bits_scale_12_bit_data(tmp_path):
-    """12-bit camera data stored as uint16 with OME SignificantBits=12 uses its 12 bits
-    (top 8 of them), not the top 8 of 16 (which would leave the image nearly black)."""
-    data = RNG.integers(0, 4096, (3, 90, 110), dtype=np.uint16)
-    path = tmp_path / "cam12.ome.tif"
+@pytest.mark.parametrize("bits", [12, 10, 8])
+def test_ome_significant_bits_scale_camera_data(tmp_path, bits):
+    """12-bit (or 10-, 8-bit) camera data stored as uint16 with OME SignificantBits uses its
+    top 8 significant bits, not the top 8 of 16 (which would leave the image nearly black)."""
+    data = RNG.integers(0, 2**bits, (3, 90, 110), dtype=np.uint16)
+    path = tmp_path / "cam.ome.tif"
     tifffile.imwrite(
         path,
         data,
         tile=(64, 64),
         photometric="minisblack",
-        metadata={"axes": "CYX", "SignificantBits": 12},
+        metadata={"axes": "CYX", "SignificantBits": bits},
         ome=True,
     )
     with open_slide(path) as s:
         got = s.read_region(0, 0, 0, 110, 90)
-    assert np.array_equal(got, np.moveaxis((data >> 4).astype(np.uint8), 0, -1))
+    assert np.array_equal(got, np.moveaxis((data >> (bits - 8)).astype(np.uint8), 0, -1))
     # without the attribute the documented rule stands: the top 8 of 16 bits
     plain = tmp_path / "plain.ome.tif"
     tifffile.imwrite(
         plain, data, tile=(64, 64), photometric="minisblack", metadata={"axes": "CYX"}, ome=True
     )
     with open_slide(plain) as s:
-        assert s.read_region(0, 0, 0, 110, 90).max() == 15
+        assert s.read_region(0, 0, 0, 110, 90).max() == (2**bits - 1) >> 8
 
 
 @pytest.mark.parametrize("unit", ["micron", "um", "\\u00B5m", "nm"])

@@ -434,7 +434,7 @@ class TiffSlide(Slide):
             arr = np.stack(planes, axis=-1)
         else:
             arr = self._decode_segment(lv.pages[0], seg, lv)
-        arr = to_uint8(arr, lv.bits if 8 < lv.bits <= 16 else None)
+        arr = to_uint8(arr, lv.bits if lv.bits >= 8 else None)
         if lv.photometric == 0:  # MinIsWhite
             arr = 255 - arr
         elif lv.photometric == 3 and lv.colormap is not None:
