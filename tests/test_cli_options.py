@@ -58,3 +58,38 @@ def test_bad_config_value_names_the_file_and_the_section_to_use(cli, tmp_path):
     (tmp_path / "c.yaml").write_text("slides: s.csv\ntrain:\n  epochs: many\n")
     r = cli("train", "--config", "c.yaml", cwd=tmp_path)
     assert r.returncode == 2 and "c.yaml: 'train:' section key 'epochs'" in r.stderr, r.stderr
+
+
+def _junk_files(folder):
+    folder.mkdir(exist_ok=True)
+    (folder / "text.pt").write_text("hi\n")
+    (folder / "empty.pt").write_bytes(b"")
+    torch.save({"w": torch.zeros(2)}, folder / "good.pt")
+    good = (folder / "good.pt").read_bytes()
+    (folder / "cut.pt").write_bytes(good[: len(good) // 2])
+    return {"text.pt": "text file", "empty.pt": "empty", "cut.pt": "truncated"}
+
+
+def test_unreadable_weights_file_says_it_is_not_a_pytorch_file(cli, tmp_path):
+    cases = _junk_files(tmp_path / "j")
+    (tmp_path / "s.csv").write_text("slide_id,path\na,a.tiff\n")
+    for name, why in cases.items():
+        r = cli("extract", "--slides", "s.csv", "--weights", f"j/{name}", cwd=tmp_path)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert (
+            f"--weights j/{name} cannot be loaded: it is not a PyTorch weights file" in r.stderr
+        ), r.stderr
+        assert why in r.stderr and "torch.save(model.state_dict(), path)" in r.stderr
+        assert "weights_only" not in r.stderr
+
+
+def test_unreadable_checkpoint_says_it_is_not_a_pytorch_checkpoint(tmp_path):
+    from wsi_mil.errors import StoreError
+    from wsi_mil.train.loop import load_checkpoint_file
+
+    for name, why in _junk_files(tmp_path).items():
+        with pytest.raises(StoreError) as e:
+            load_checkpoint_file(tmp_path / name)
+        msg = str(e.value)
+        assert f"{tmp_path / name} is not a PyTorch checkpoint" in msg and why in msg, msg
+        assert "--checkpoint best, last" in msg

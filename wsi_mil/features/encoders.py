@@ -169,10 +169,17 @@ def load_weights_file(
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling problem is a user-facing bad file
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        why = torch_load_problem(p, e)
+        if why is None:
+            raise ConfigError(
+                f"--weights {p} holds Python objects other than tensors and plain containers, "
+                "which torch.load(weights_only=True) refuses",
+                "save only the weights: torch.save(model.state_dict(), path)",
+            ) from None
         raise ConfigError(
-            f"--weights {p} cannot be loaded with torch.load(weights_only=True): {first}",
-            "save only tensors/dicts (e.g. torch.save(model.state_dict(), path))",
+            f"--weights {p} cannot be loaded: it is not a PyTorch weights file ({why})",
+            "pass an encoder.pt from 'wsi-mil train --mode e2e' or a state_dict saved with "
+            "torch.save(model.state_dict(), path)",
         ) from None
     name, kwargs = None, {}
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
@@ -188,6 +195,32 @@ def load_weights_file(
             f"--weights {p} is neither an encoder.pt ({{'encoder', 'kwargs', 'state_dict'}}) nor a state_dict of tensors"
         )
     return obj, (str(name) if name else None), kwargs
+
+
+def torch_load_problem(path: str | os.PathLike, err: BaseException) -> str | None:
+    """Why ``torch.load`` failed on ``path``, in words: None when the file is a real
+    ``torch.save`` file that only holds objects ``weights_only=True`` refuses, else a short
+    reason it is no PyTorch file at all (empty, text, truncated archive, other bytes)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(512)
+    except OSError as e:
+        return f"cannot be read: {e.strerror or e}"
+    if not head:
+        return "the file is empty"
+    if head.startswith(b"PK"):  # torch.save's zip archive
+        if isinstance(err, RuntimeError):
+            return "a damaged or truncated torch.save archive"
+        return None
+    if head[:1] == b"\x80":  # a legacy (pickle) torch.save file
+        return (
+            None if "Weights only load failed" in str(err) else "not readable as torch.save output"
+        )
+    try:
+        head.decode("utf-8")
+        return "it is a text file, not torch.save output"
+    except UnicodeDecodeError:
+        return "its bytes are not torch.save output"
 
 
 def _strip_prefix(sd: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
@@ -239,7 +272,7 @@ def create_encoder(
     ``weights``: encoder.pt (its ``encoder``/``kwargs`` win over ``name``/``feature_dim``/``norm``;
     a different explicit ``name`` is an error) or a plain state_dict for the named encoder.
     ``norm``: "bn" | "groupnorm" ("frozen-bn" builds "bn"; freezing is the trainer's job).
-    ``timm:<model>`` needs the optional extra (``pip install 'wsi-mil[timm]'``).
+    ``timm:<model>`` needs the optional extra (``pip install -e '.[timm]'`` in the clone).
     """
     sd: dict[str, torch.Tensor] | None = None
     wpath = Path(weights) if weights else None

@@ -142,10 +142,12 @@ def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
     try:
         ck = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - corrupt / foreign file is a user problem
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        from wsi_mil.features.encoders import torch_load_problem
+
+        why = torch_load_problem(p, e) or "it holds objects other than tensors and containers"
         raise StoreError(
-            f"checkpoint {p} cannot be loaded: {first}",
-            "it must be a checkpoint written by 'wsi-mil train'",
+            f"checkpoint {p} is not a PyTorch checkpoint written by 'wsi-mil train' ({why})",
+            "pass --checkpoint best, last or a R/checkpoints/<name>.pt of a 'wsi-mil train' run",
         ) from None
     if not isinstance(ck, dict) or "model" not in ck:
         raise StoreError(f"{p} is not a wsi-mil checkpoint (no 'model' entry)")
