@@ -235,7 +235,8 @@ class PredictConfig:
     threshold: float = 0.5  # prob >= threshold -> predicted positive
     split: str | None = None  # only slides of this split; None = all
     device: str = "auto"
-    attention: bool = True  # write R/attention/<slide_id>.h5
+    attention: bool = True  # write R/attention/<slide_id>.h5 (also what reruns and shards reuse)
+    overwrite: bool = False  # score every slide again even when its attention file is current
 
 
 @dataclass

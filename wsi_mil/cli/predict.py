@@ -7,7 +7,15 @@ from typing import Any
 
 import click
 
-from wsi_mil.cli.common import config_option, progress_enabled, slide_inputs, work_option
+from wsi_mil.cli.common import (
+    config_option,
+    debug_enabled,
+    finish_batch,
+    progress_enabled,
+    shard_option,
+    slide_inputs,
+    work_option,
+)
 
 
 @click.command(
@@ -23,6 +31,16 @@ from wsi_mil.cli.common import config_option, progress_enabled, slide_inputs, wo
     \b
     The split of a slide is the one it had in training (R/splits.csv), else the
     slide table's. Slides without a feature store are skipped with a warning.
+
+    \b
+    Per slide, like the other per-slide stages: a slide whose attention file was made
+    from the same checkpoint, feature (or patch) store, label and split is not scored
+    again (its probability is read back; --overwrite scores it anyway); a slide that
+    fails is logged in W/failures.csv and the others go on (exit 1). With --shard I/N
+    (or a SLURM job array) each shard writes only its slides' attention files; one
+    unsharded 'wsi-mil predict' afterwards collects predictions.csv and metrics.json
+    without scoring again. predictions.csv and metrics.json cover the slides of the
+    call (after --split).
     """,
 )
 @config_option
@@ -60,17 +78,32 @@ from wsi_mil.cli.common import config_option, progress_enabled, slide_inputs, wo
 )
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N.")
 @click.option(
-    "--attention/--no-attention", default=True, show_default=True, help="Write R/attention/<id>.h5."
+    "--attention/--no-attention",
+    default=True,
+    show_default=True,
+    help="Write R/attention/<id>.h5 (needed by heatmap, reruns that skip current slides, --shard).",
 )
-def command(slides_csv: str | None, slide_paths: tuple[str, ...], **kw: Any) -> None:
+@click.option(
+    "--overwrite", is_flag=True, help="Score every slide again even when its output is current."
+)
+@shard_option
+def command(
+    slides_csv: str | None, slide_paths: tuple[str, ...], shard: str | None, **kw: Any
+) -> None:
+    from wsi_mil.batch import parse_shard
     from wsi_mil.config import PredictConfig
     from wsi_mil.slides.table import read_slide_table
-    from wsi_mil.train.predict import predict
+    from wsi_mil.train.predict import predict_slides
 
     kw["work"] = Path(kw["work"])
     cfg = PredictConfig(**kw)
     entries = read_slide_table(slides_csv, slide_paths)
-    predict(cfg, entries, progress=progress_enabled())
-    click.echo(
-        f"predictions: {cfg.run / 'predictions.csv'}, metrics: {cfg.run / 'metrics.json'}", err=True
+    out = predict_slides(
+        cfg, entries, parse_shard(shard), progress=progress_enabled(), debug=debug_enabled()
     )
+    if out.metrics is not None:
+        click.echo(
+            f"predictions: {cfg.run / 'predictions.csv'}, metrics: {cfg.run / 'metrics.json'}",
+            err=True,
+        )
+    finish_batch(out.batch)

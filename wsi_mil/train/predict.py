@@ -4,6 +4,10 @@ Writes into the run folder ``R/``: ``predictions.csv`` (slide_id,label,prob,spli
 ``metrics.json`` (per split and overall, with the threshold used), ``attention/<id>.h5``
 (``coords`` int64 (N, 2) level-0 xy, ``attention`` float32 (N,) + slide attrs) and
 ``plots/roc.png``. Bags are read one at a time, so memory is one slide's N x D features.
+
+A per-slide stage like tile and extract: slides whose attention file is current are not
+scored again, ``--shard I/N`` scores a share of the slides, and a failing slide is
+recorded in ``W/failures.csv`` while the others finish (:func:`predict_slides`).
 """
 
 from __future__ import annotations
@@ -11,7 +15,8 @@ from __future__ import annotations
 import csv
 import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +25,17 @@ import numpy as np
 import torch
 import yaml
 
-from wsi_mil.batch import atomic_path
+from wsi_mil.batch import (
+    BatchResult,
+    Skip,
+    atomic_path,
+    file_fingerprint,
+    run_per_slide,
+    shard_items,
+)
 from wsi_mil.config import PredictConfig
 from wsi_mil.errors import ConfigError, DataError, StoreError
-from wsi_mil.features.feature_store import FeatureBag, open_features
+from wsi_mil.features.feature_store import open_features
 from wsi_mil.mil.bags import Bag, bag_from_feature_bag, check_labels, find_stores
 from wsi_mil.mil.model import PositionalAttentionMIL, model_from_checkpoint
 from wsi_mil.slides.table import SlideEntry
@@ -73,31 +85,6 @@ def _device(spec: str) -> torch.device:
     return torch.device(spec)
 
 
-def iter_cached_bags(
-    entries: Sequence[SlideEntry], features_dir: Path
-) -> Iterator[tuple[SlideEntry, FeatureBag]]:
-    """(entry, FeatureBag) one at a time; slides without a store are skipped with one warning."""
-    found, missing = find_stores(entries, features_dir)
-    if missing:
-        shown = ", ".join(missing[:10]) + (
-            f" ... (+{len(missing) - 10} more)" if len(missing) > 10 else ""
-        )
-        log.warning(
-            "%d of %d slides have no feature store in %s and are skipped: %s",
-            len(missing),
-            len(entries),
-            features_dir,
-            shown,
-        )
-    if not found:
-        raise DataError(
-            f"none of the {len(entries)} slides has a feature store in {features_dir}",
-            "pass the right --features DIR",
-        )
-    for e, p in found:
-        yield e, open_features(p)
-
-
 @torch.no_grad()
 def predict_bag(
     model: PositionalAttentionMIL, bag: Bag, device: torch.device
@@ -111,8 +98,20 @@ def predict_bag(
     return float(torch.sigmoid(out.logit)), out.attention.float().cpu().numpy()
 
 
-def write_attention(path: Path, bag: Bag, attention: np.ndarray, prob: float, split: str) -> None:
-    """``R/attention/<id>.h5`` in the agreed layout (see module doc), written atomically."""
+def write_attention(
+    path: Path,
+    bag: Bag,
+    attention: np.ndarray,
+    prob: float,
+    split: str,
+    entry: SlideEntry | None = None,
+    inputs: dict[str, Any] | None = None,
+) -> None:
+    """``R/attention/<id>.h5`` in the agreed layout (see module doc), written atomically.
+
+    ``entry``: its slide path (absolute) wins over the one the feature store recorded;
+    ``inputs``: what the probability was computed from (JSON attr ``inputs``), so a rerun
+    can tell whether the file is current."""
     coords = bag.coords if bag.coords is not None else np.full((len(bag), 2), -1, np.int64)
     ps0 = int(bag.attrs.get("patch_size_level0") or 0)
     if bag.level0_size is not None:
@@ -121,7 +120,10 @@ def write_attention(path: Path, bag: Bag, attention: np.ndarray, prob: float, sp
         w, h = (int(v) for v in bag.coords.max(axis=0) + ps0)
     else:
         w = h = 0
-    slide_path = bag.slide_path or bag.attrs.get("slide_path") or ""
+    slide_path = (entry.path if entry is not None else None) or bag.slide_path
+    slide_path = slide_path or bag.attrs.get("slide_path") or ""
+    if slide_path:  # absolute: heatmap may run from another folder
+        slide_path = Path(slide_path).resolve()
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset("coords", data=np.asarray(coords, np.int64))
         f.create_dataset("attention", data=np.asarray(attention, np.float32))
@@ -137,6 +139,8 @@ def write_attention(path: Path, bag: Bag, attention: np.ndarray, prob: float, sp
             "has_coords": bag.coords is not None,
             "feature_store": str(bag.path or ""),
         }
+        if inputs is not None:
+            attrs["inputs"] = json.dumps(inputs, sort_keys=True)
         for k, v in attrs.items():
             f.attrs[k] = v
 
@@ -157,16 +161,54 @@ def metrics_by_split(rows: Sequence[dict[str, Any]], threshold: float) -> dict[s
     }
 
 
+@dataclass
+class PredictOutcome:
+    """What :func:`predict_slides` did: the per-slide batch and, when it collected them,
+    the contents of ``metrics.json`` (None for one shard of several, or no scored slide)."""
+
+    batch: BatchResult
+    metrics: dict[str, Any] | None
+
+
 def predict(
     cfg: PredictConfig, entries: Sequence[SlideEntry], progress: bool = True
 ) -> dict[str, Any]:
-    """Score ``entries`` with run ``cfg.run``; writes the files above and returns metrics.json's dict."""
-    from tqdm.auto import tqdm
+    """Score ``entries`` with run ``cfg.run`` (all of them, no shards); writes the files
+    above and returns metrics.json's dict. Slides that fail are logged and recorded in
+    ``W/failures.csv`` (see :func:`predict_slides` for the batch outcome)."""
+    out = predict_slides(cfg, entries, progress=progress)
+    if out.metrics is None:
+        raise DataError(
+            f"no slide could be scored: {out.batch.summary()}", "see W/failures.csv for why"
+        )
+    return out.metrics
 
+
+def predict_slides(
+    cfg: PredictConfig,
+    entries: Sequence[SlideEntry],
+    shard: tuple[int, int] = (0, 1),
+    progress: bool = True,
+    debug: bool = False,
+) -> PredictOutcome:
+    """Score this shard's slides, one ``R/attention/<id>.h5`` each, then (unsharded) collect
+    ``predictions.csv``, ``metrics.json`` and ``plots/roc.png`` over all of them.
+
+    A slide whose attention file is complete and was made from the same checkpoint, feature
+    (or patch) store, label and split is not scored again: its probability is read back.
+    So shards of a job array score the slides, and one unsharded call afterwards collects
+    the tables in seconds. A slide that fails is logged in ``W/failures.csv``; the others go on.
+    """
     run = Path(cfg.run)
     run_cfg = read_run_config(run)
     if not 0.0 <= cfg.threshold <= 1.0:
         raise ConfigError(f"--threshold {cfg.threshold} is outside [0, 1]")
+    if shard[1] > 1 and not cfg.attention:
+        raise ConfigError(
+            "--shard needs --attention: the shards' per-slide attention files are what a "
+            "final unsharded 'wsi-mil predict' collects into predictions.csv",
+            "drop --no-attention",
+        )
     ck_path = checkpoint_path(run, cfg.checkpoint)
     ck = load_checkpoint_file(ck_path)
     device = _device(cfg.device)
@@ -181,11 +223,17 @@ def predict(
             raise ConfigError(
                 f"no slide has split {cfg.split!r}", "check --split (train, val or test)"
             )
+    mine = shard_items(list(entries), shard, key=lambda e: e.slide_id)
+    model_id = {"checkpoint": str(ck_path.resolve()), **(file_fingerprint(ck_path) or {})}
 
-    if run_cfg.get("mode", "cached") == "e2e":
-        from wsi_mil.train.e2e import encode_bags
+    e2e = run_cfg.get("mode", "cached") == "e2e"
+    stores: dict[str, Path] = {}
+    if e2e:
+        from wsi_mil.train.e2e import E2EEncoder, patches_dir
 
-        source: Any = encode_bags(run, entries, cfg.work, device, checkpoint=str(ck_path))
+        encoder: list[Any] = []  # made on first use: a rerun with nothing to score needs none
+        for e in mine:
+            stores[e.slide_id] = patches_dir(cfg.work) / f"{e.slide_id}.zarr"
     else:
         fdir = cfg.features or run_cfg.get("features")
         if not fdir:
@@ -194,26 +242,84 @@ def predict(
             )
         if not Path(fdir).is_dir():
             raise ConfigError(f"feature folder {fdir} does not exist", "pass --features DIR")
-        source = iter_cached_bags(entries, Path(fdir))
-
-    rows: list[dict[str, Any]] = []
-    bar = tqdm(source, total=len(entries), desc="predict", unit="slide", disable=not progress)
-    for entry, fb in bar:
-        bag = bag_from_feature_bag(entry, fb)
-        if bag.dim != model.in_dim:
+        found, missing = find_stores(mine, Path(fdir))
+        _warn_missing(missing, len(mine), Path(fdir))
+        if mine and not found:
             raise DataError(
-                f"{bag.path}: slide {bag.slide_id} has D={bag.dim} features, the model was trained on D={model.in_dim}",
-                "use the feature folder (encoder) the run was trained with",
+                f"none of the {len(mine)} slides has a feature store in {fdir}",
+                "pass the right --features DIR",
             )
-        prob, att = predict_bag(model, bag, device)
-        split = split_of.get(entry.slide_id, "")
-        if cfg.attention:
-            write_attention(run / "attention" / f"{entry.slide_id}.h5", bag, att, prob, split)
-        rows.append(
-            {"slide_id": entry.slide_id, "label": entry.label, "prob": prob, "split": split}
-        )
-        del bag, fb
+        mine = [e for e, _ in found]
+        stores = {e.slide_id: p for e, p in found}
+        if found:  # a wrong folder (other encoder, no coords) is one error, not N failures
+            e0, p0 = found[0]
+            _check_bag_fits(model, bag_from_feature_bag(e0, open_features(p0)))
 
+    def inputs_of(entry: SlideEntry) -> dict[str, Any]:
+        store = stores[entry.slide_id]
+        # a patch store's root zarr.json is rewritten whenever the store is rebuilt
+        fp = file_fingerprint(store / "zarr.json" if e2e else store) if store.exists() else None
+        return {
+            "model": model_id,
+            "input": {"path": str(store.resolve()), **(fp or {})},
+            "label": entry.label,
+            "split": split_of.get(entry.slide_id, ""),
+        }
+
+    probs: dict[str, float] = {}
+
+    def one(entry: SlideEntry) -> None:
+        sid = entry.slide_id
+        out = run / "attention" / f"{sid}.h5"
+        inputs = inputs_of(entry)
+        if cfg.attention and not cfg.overwrite:
+            prob = _current_prob(out, inputs)
+            if prob is not None:
+                probs[sid] = prob
+                raise Skip(sid)
+        if e2e:
+            if not encoder:
+                encoder.append(E2EEncoder(run, device, checkpoint=str(ck_path)))
+            fb = encoder[0].encode(entry, cfg.work)
+        else:
+            fb = open_features(stores[sid])
+        bag = bag_from_feature_bag(entry, fb)
+        _check_bag_fits(model, bag)
+        prob, att = predict_bag(model, bag, device)
+        if cfg.attention:
+            write_attention(out, bag, att, prob, inputs["split"], entry=entry, inputs=inputs)
+        probs[sid] = prob
+
+    log.info("predict: %d slides (shard %d/%d) with %s", len(mine), shard[0], shard[1], ck_path)
+    batch = run_per_slide(
+        "predict",
+        mine,
+        one,
+        cfg.work,
+        slide_id=lambda e: e.slide_id,
+        slide_path=lambda e: e.path,
+        progress=progress,
+        debug=debug,
+    )
+    if shard[1] > 1:
+        log.info(
+            "shard %d/%d: attention files written; run 'wsi-mil predict' without --shard "
+            "afterwards to collect predictions.csv and metrics.json (scored slides are reused)",
+            *shard,
+        )
+        return PredictOutcome(batch, None)
+    rows = [
+        {
+            "slide_id": e.slide_id,
+            "label": e.label,
+            "prob": probs[e.slide_id],
+            "split": split_of[e.slide_id],
+        }
+        for e in mine
+        if e.slide_id in probs
+    ]
+    if not rows:
+        return PredictOutcome(batch, None)
     with atomic_path(run / "predictions.csv") as tmp, open(tmp, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=PRED_COLUMNS)
         w.writeheader()
@@ -235,7 +341,50 @@ def predict(
         Path(tmp).write_text(json.dumps(result, indent=2) + "\n")
     _plot_roc(run, rows)
     _log_summary(result)
-    return result
+    return PredictOutcome(batch, result)
+
+
+def _warn_missing(missing: Sequence[str], n: int, features_dir: Path) -> None:
+    if not missing:
+        return
+    shown = ", ".join(missing[:10]) + (
+        f" ... (+{len(missing) - 10} more)" if len(missing) > 10 else ""
+    )
+    log.warning(
+        "%d of %d slides have no feature store in %s and are skipped: %s",
+        len(missing),
+        n,
+        features_dir,
+        shown,
+    )
+
+
+def _check_bag_fits(model: PositionalAttentionMIL, bag: Bag) -> None:
+    """DataError when ``bag`` cannot go through ``model`` (feature width, coordinates)."""
+    if bag.dim != model.in_dim:
+        raise DataError(
+            f"{bag.path}: slide {bag.slide_id} has D={bag.dim} features, the model was trained on D={model.in_dim}",
+            "use the feature folder (encoder) the run was trained with",
+        )
+    if model.use_pos and bag.norm_coords is None:
+        raise DataError(
+            f"{bag.path}: slide {bag.slide_id} has no coordinates but the model uses the "
+            "positional encoding",
+            "use feature stores with coords, or train with --no-pos",
+        )
+
+
+def _current_prob(path: Path, inputs: dict[str, Any]) -> float | None:
+    """The probability recorded in attention file ``path`` if it was made from ``inputs``."""
+    if not path.is_file():
+        return None
+    try:
+        with h5py.File(path, "r") as f:
+            if json.loads(str(f.attrs.get("inputs", "null"))) != json.loads(json.dumps(inputs)):
+                return None
+            return float(f.attrs["prob"])
+    except (OSError, KeyError, ValueError):  # unreadable or from an older version: redo it
+        return None
 
 
 def _plot_roc(run: Path, rows: Sequence[dict[str, Any]]) -> None:

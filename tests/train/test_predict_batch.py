@@ -1,0 +1,155 @@
+"""`wsi-mil predict` as a per-slide stage (DESIGN.md): skips current slides, --shard I/N,
+a bad slide is recorded and the others finish; real HDF5 stores, real CLI subprocesses."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from bag_factory import make_bags, write_bags, write_table
+
+from wsi_mil.config import PredictConfig, TrainConfig
+from wsi_mil.slides.table import read_slide_table
+from wsi_mil.train import train
+from wsi_mil.train.predict import predict_slides
+
+ENV = {"OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A cached run on 12 small bags (trained once for the module)."""
+    d = tmp_path_factory.mktemp("predict")
+    bags = make_bags(12, dim=8, n_min=10, n_max=20)
+    write_bags(bags, d / "feats")
+    table = write_table(bags, d / "slides.csv")
+    cfg = TrainConfig(
+        work=d / "w", run=d / "run", features=d / "feats", epochs=1, device="cpu", val_frac=0.0
+    )
+    train(cfg, read_slide_table(table), progress=False)
+    return d, table
+
+
+def _fresh(trained, tmp_path) -> tuple[Path, Path, Path]:
+    """A private copy of the run (checkpoints + config) and of the feature stores."""
+    import shutil
+
+    d, table = trained
+    shutil.copytree(d / "run", tmp_path / "run")
+    shutil.copytree(d / "feats", tmp_path / "feats")
+    rows = list(csv.DictReader(open(table)))
+    for r in rows:
+        r["path"] = ""
+    with open(tmp_path / "slides.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return tmp_path / "run", tmp_path / "feats", tmp_path / "slides.csv"
+
+
+def _cfg(tmp_path, run, feats, **kw):
+    return PredictConfig(work=tmp_path / "w", run=run, features=feats, device="cpu", **kw)
+
+
+def _mtimes(run: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in (run / "attention").glob("*.h5")}
+
+
+def test_rerun_skips_current_slides_and_rescores_changed_ones(trained, tmp_path):
+    run, feats, table = _fresh(trained, tmp_path)
+    entries = read_slide_table(table)
+    first = predict_slides(_cfg(tmp_path, run, feats), entries, progress=False)
+    assert len(first.batch.done) == 12 and not first.batch.skipped
+    preds1 = (run / "predictions.csv").read_text()
+    times = _mtimes(run)
+
+    again = predict_slides(_cfg(tmp_path, run, feats), entries, progress=False)
+    assert len(again.batch.skipped) == 12 and not again.batch.done
+    assert (run / "predictions.csv").read_text() == preds1  # probabilities read back
+    assert _mtimes(run) == times and again.metrics == first.metrics
+
+    # one feature store rewritten (new values): only that slide is scored again
+    with h5py.File(feats / "bag003.h5", "r+") as f:
+        f["features"][...] = f["features"][...] + 1.0
+    third = predict_slides(_cfg(tmp_path, run, feats), entries, progress=False)
+    assert third.batch.done == ["bag003"] and len(third.batch.skipped) == 11
+    new = pd.read_csv(run / "predictions.csv").set_index("slide_id")["prob"]
+    old = pd.read_csv(pd.io.common.StringIO(preds1)).set_index("slide_id")["prob"]
+    assert new.drop("bag003").equals(old.drop("bag003")) and new["bag003"] != old["bag003"]
+
+    # --overwrite scores everything again
+    assert (
+        len(
+            predict_slides(
+                _cfg(tmp_path, run, feats, overwrite=True), entries, progress=False
+            ).batch.done
+        )
+        == 12
+    )
+
+
+def test_a_bad_slide_is_recorded_and_the_others_finish(trained, tmp_path, cli):
+    run, feats, table = _fresh(trained, tmp_path)
+    with h5py.File(feats / "bag005.h5", "r+") as f:
+        f["features"][0, 0] = np.nan  # a broken store: non-finite features
+    r = cli("-q", "predict", "--slides", str(table), "--work", str(tmp_path / "w"), "--run", str(run),
+            "--features", str(feats), "--device", "cpu", env=ENV)  # fmt: skip
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr and "FAILED bag005" in r.stderr
+    preds = pd.read_csv(run / "predictions.csv")
+    assert len(preds) == 11 and "bag005" not in set(preds.slide_id)
+    fails = pd.read_csv(tmp_path / "w" / "failures.csv")
+    assert list(fails.slide_id) == ["bag005"] and (fails.stage == "predict").all()
+
+
+def test_shards_then_one_collecting_call_equal_one_unsharded_run(trained, tmp_path, cli):
+    run, feats, table = _fresh(trained, tmp_path)
+    args = ("-q", "predict", "--slides", str(table), "--work", str(tmp_path / "w"), "--run", str(run),
+            "--features", str(feats), "--device", "cpu")  # fmt: skip
+    for i in (0, 1):
+        r = cli(*args, "--shard", f"{i}/2", env=ENV)
+        assert r.returncode == 0, r.stderr
+    assert len(list((run / "attention").glob("*.h5"))) == 12
+    assert not (run / "predictions.csv").exists()  # shards write only their slides' files
+    times = _mtimes(run)
+    r = cli(*args, env=ENV)  # collects: nothing scored again
+    assert r.returncode == 0, r.stderr
+    assert "0 done, 12 up to date" in r.stderr and _mtimes(run) == times
+    collected = pd.read_csv(run / "predictions.csv").sort_values("slide_id")
+
+    run2, feats2, table2 = _fresh(trained, tmp_path / "b")
+    entries = read_slide_table(table2)
+    predict_slides(_cfg(tmp_path / "b", run2, feats2), entries, progress=False)
+    direct = pd.read_csv(run2 / "predictions.csv").sort_values("slide_id")
+    assert collected.reset_index(drop=True).equals(direct.reset_index(drop=True))
+
+    r = cli(*args, "--shard", "0/2", "--no-attention", env=ENV)
+    assert r.returncode == 2 and "--no-attention" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_attention_file_records_an_absolute_slide_path(trained, tmp_path, cli):
+    run, feats, table = _fresh(trained, tmp_path)
+    rows = list(csv.DictReader(open(table)))
+    rows[0]["path"] = "slides/x.tiff"  # relative to the table's folder
+    with open(table, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    r = cli("-q", "predict", "--slides", "slides.csv", "--work", "w", "--run", "run",
+            "--features", "feats", "--device", "cpu", cwd=tmp_path, env=ENV)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    with h5py.File(run / "attention" / f"{rows[0]['slide_id']}.h5") as f:
+        assert f.attrs["slide_path"] == str(tmp_path.resolve() / "slides" / "x.tiff")
