@@ -57,3 +57,24 @@ def test_config_keys_map_to_options(tmp_path):
 
     with pytest.raises(ConfigError, match="patch_sise"):
         cmd.main(["--config", str(cfg)], standalone_mode=False)
+
+
+def test_global_options_also_work_after_the_command(cli, tmp_path):
+    (tmp_path / "s.csv").write_text("slide_id,path\na,a.tiff\n")
+    (tmp_path / "junk.pt").write_text("hi\n")
+    base = ("extract", "--slides", "s.csv", "--device", "cpu")
+    plain = cli(*base, cwd=tmp_path)
+    assert plain.returncode == 1 and "INFO: extract: 1 slides" in plain.stderr, plain.stderr
+    for args in (("-q", *base), (*base, "-q"), (*base, "--quiet")):
+        r = cli(*args, cwd=tmp_path)
+        assert r.returncode == 1, r.stderr
+        assert "No such option" not in r.stderr and "INFO" not in r.stderr, (args, r.stderr)
+    r = cli(*base, "-v", cwd=tmp_path)  # -v adds the logger name to each line
+    assert "INFO wsi_mil.features.extract: extract: 1 slides" in r.stderr, r.stderr
+    r = cli(*base, "--weights", "junk.pt", "--debug", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" in r.stderr, r.stderr
+    r = cli(*base, "--weights", "junk.pt", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    # listed in every command's --help
+    r = cli("tile", "-q", "--help")
+    assert r.returncode == 0 and "-q, --quiet" in r.stdout

@@ -9,7 +9,7 @@ import traceback
 import click
 
 from wsi_mil import __version__
-from wsi_mil.cli.common import setup_logging
+from wsi_mil.cli.common import debug_requested, global_options, setup_logging
 from wsi_mil.errors import WsiMilError
 
 
@@ -46,6 +46,7 @@ def _register() -> None:
     from wsi_mil.cli import extract, heatmap, info, predict, run, synth, tile, train
 
     for mod in (synth, info, tile, extract, train, predict, heatmap, run):
+        mod.command.params.extend(global_options())  # -v/-q/--debug after the command too
         cli.add_command(mod.command)
 
 
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
         e.show()
         sys.exit(2)
     except WsiMilError as e:
-        if debug:
+        if debug or debug_requested():
             traceback.print_exc()
         click.echo(f"error: {e}", err=True)
         sys.exit(e.exit_code)
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     except SystemExit:
         raise
     except Exception as e:  # noqa: BLE001
-        if debug:
+        if debug or debug_requested():
             traceback.print_exc()
         logging.getLogger("wsi_mil").debug("unhandled", exc_info=True)
         click.echo(

@@ -232,12 +232,58 @@ def not_implemented(name: str) -> F:
 
 
 def setup_logging(verbose: int, quiet: int) -> None:
-    level = logging.INFO - 10 * verbose + 10 * quiet
-    logging.basicConfig(
-        level=max(logging.DEBUG, min(logging.CRITICAL, level)),
-        format="%(levelname)s %(name)s: %(message)s" if verbose else "%(levelname)s: %(message)s",
-        stream=sys.stderr,
-    )
+    """Log level and format from -v/-q counts; called again when a subcommand adds some."""
+    level = max(logging.DEBUG, min(logging.CRITICAL, logging.INFO - 10 * verbose + 10 * quiet))
+    fmt = "%(levelname)s %(name)s: %(message)s" if verbose else "%(levelname)s: %(message)s"
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
+        for h in root.handlers:
+            h._wsi_mil = True  # type: ignore[attr-defined]
+        return
+    root.setLevel(level)
+    for h in root.handlers:
+        if getattr(h, "_wsi_mil", False):
+            h.setFormatter(logging.Formatter(fmt))
+
+
+#: set when --debug came after the subcommand or from a config file (main() reads it)
+_DEBUG_REQUESTED: list[bool] = []
+
+
+def _global_option_callback(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+    """-v/-q/--debug given after the subcommand (or in its config): add them to the root's."""
+    if not value:
+        return
+    obj = ctx.find_root().ensure_object(dict)
+    if param.name == "debug":
+        obj["debug"] = True
+        _DEBUG_REQUESTED.append(True)
+    else:
+        obj[param.name] = int(obj.get(param.name) or 0) + int(value)
+    setup_logging(int(obj.get("verbose") or 0), int(obj.get("quiet") or 0))
+
+
+def debug_requested() -> bool:
+    return bool(_DEBUG_REQUESTED)
+
+
+def global_options() -> list[click.Option]:
+    """``-v``, ``-q`` and ``--debug`` for a subcommand, so they work after it too
+    (``wsi-mil tile -q ...`` = ``wsi-mil -q tile ...``)."""
+    common = {"expose_value": False, "callback": _global_option_callback}
+    return [
+        click.Option(
+            ["-v", "--verbose"], count=True, help="More log output (-vv for debug).", **common
+        ),
+        click.Option(
+            ["-q", "--quiet"],
+            count=True,
+            help="Less output: no progress bars, warnings and errors only.",
+            **common,
+        ),
+        click.Option(["--debug"], is_flag=True, help="Show full tracebacks on errors.", **common),
+    ]
 
 
 def wraps_command(f: F) -> F:
