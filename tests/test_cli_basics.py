@@ -78,3 +78,11 @@ def test_global_options_also_work_after_the_command(cli, tmp_path):
     # listed in every command's --help
     r = cli("tile", "-q", "--help")
     assert r.returncode == 0 and "-q, --quiet" in r.stdout
+
+
+@pytest.mark.parametrize("text, says", [("slide_id,path\n", "has no rows"), ("", "is empty")])
+def test_empty_slide_table_is_named(cli, tmp_path, text, says):
+    (tmp_path / "e.csv").write_text(text)
+    r = cli("tile", "--slides", "e.csv", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"slide table e.csv {says}" in r.stderr and "no slides given" not in r.stderr, r.stderr

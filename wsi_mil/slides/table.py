@@ -50,6 +50,11 @@ def read_slide_table(
             )
         for m in matches:
             entries.append(SlideEntry(slide_id_from_path(m), Path(m)))
+    if not entries and csv is not None:
+        raise ConfigError(
+            f"slide table {csv} has no rows",
+            "add one row per slide under the header: slide_id,path[,label][,split]",
+        )
     if not entries:
         raise ConfigError("no slides given", "pass --slides CSV or slide paths/globs as arguments")
     seen: set[str] = set()
@@ -69,6 +74,11 @@ def _read_csv(csv: Path) -> list[SlideEntry]:
     base = csv.parent
     try:
         df = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise ConfigError(
+            f"slide table {csv} is empty",
+            "write a header and one row per slide: slide_id,path[,label][,split]",
+        ) from None
     except Exception as e:  # noqa: BLE001
         raise ConfigError(
             f"cannot read slide table {csv}: {e}",
