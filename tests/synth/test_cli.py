@@ -114,3 +114,19 @@ def test_bad_options_exit_2_with_one_clear_line(cli, tmp_path) -> None:  # noqa:
         cli, tmp_path, "--width", "256", "--height", "256", "--marker-size-max", "300"
     )
     assert "--format" in _bad(cli, tmp_path, "--format", "bmp")
+
+
+def test_rerun_with_fewer_slides_warns_about_the_stale_ones(cli, tmp_path) -> None:  # noqa: ANN001
+    opts = ("--width", "256", "--height", "256", "--format", "png", "-q")
+    first = cli("synth", str(tmp_path / "S"), "-n", "3", *opts)
+    assert first.returncode == 0 and "WARNING" not in first.stderr, first.stderr
+    same = cli("synth", str(tmp_path / "S"), "-n", "3", *opts)
+    assert same.returncode == 0 and "WARNING" not in same.stderr, same.stderr
+    fewer = cli("synth", str(tmp_path / "S"), "-n", "2", *opts)
+    assert fewer.returncode == 0, fewer.stderr
+    (stale,) = sorted(set(p.name for p in (tmp_path / "S").glob("synth_*.png")) - {
+        ln.split(",")[1] for ln in (tmp_path / "S" / "slides.csv").read_text().splitlines()[1:]
+    })  # fmt: skip
+    warning = [ln for ln in fewer.stderr.splitlines() if ln.startswith("WARNING")]
+    assert len(warning) == 1 and "1 slide file(s) of an earlier synth run" in warning[0]
+    assert stale in warning[0], warning

@@ -102,6 +102,7 @@ def generate(cfg: SynthConfig, progress: bool = False) -> list[SlideEntry]:
     specs = build_specs(cfg)
     splits = assign_splits([s.label for s in specs], parse_splits(cfg.splits), cfg.seed)
     out.mkdir(parents=True, exist_ok=True)
+    earlier = _earlier_slides(out)
     ext = EXTENSIONS[cfg.format]
     entries: list[SlideEntry] = []
 
@@ -124,7 +125,44 @@ def generate(cfg: SynthConfig, progress: bool = False) -> list[SlideEntry]:
             for e in entries:
                 w.writerow([e.path.name, e.label])
     save_resolved(cfg, out / "synth.yaml")
+    _warn_stale_slides(out, earlier, paths)
     return entries
+
+
+def _earlier_slides(out: Path) -> set[Path]:
+    """Slide files an earlier synth run may have left in ``out``: those its slides.csv lists
+    and any ``synth_*``/``synthetic_*`` slide file."""
+    from wsi_mil.slides.table import read_slide_table
+
+    found: set[Path] = set()
+    if (out / "slides.csv").is_file():
+        try:
+            found |= {e.path.resolve() for e in read_slide_table(out / "slides.csv") if e.path}
+        except Exception:  # noqa: BLE001 - an unreadable old table: the glob below still looks
+            pass
+    for stem in ("synth_", "synthetic_"):
+        for ext in EXTENSIONS.values():
+            found |= {f.resolve() for f in out.glob(f"{stem}*{ext}")}
+    return {f for f in found if f.parent == out.resolve()}
+
+
+def _warn_stale_slides(out: Path, earlier: set[Path], written: list[Path]) -> None:
+    """Warn about slide files of an earlier run with other options that the new tables omit
+    (they are left alone: deleting files is the user's call)."""
+    stale = sorted(f for f in earlier - set(written) if f.exists())
+    if stale:
+        names = ", ".join(f.name for f in stale[:8]) + (
+            f" ... (+{len(stale) - 8} more)" if len(stale) > 8 else ""
+        )
+        log.warning(
+            "%s still holds %d slide file(s) of an earlier synth run that the new slides.csv and "
+            "markers.csv do not list: %s. Delete them (or write into an empty folder) so that "
+            "globs over %s do not pick them up",
+            out,
+            len(stale),
+            names,
+            out,
+        )
 
 
 #: below this many level-0 pixels in all, slides are written one by one (threads render each
