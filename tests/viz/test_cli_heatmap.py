@@ -217,3 +217,24 @@ def test_broken_attention_file_fails_that_slide_only(cli, run_with_slides):
     assert (run / "heatmaps" / "pos.png").is_file()
     rep = json.loads((run / "localisation.json").read_text())
     assert "bad.h5" in rep["excluded"]["bad"] and rep["top1_hit_rate"] == 1.0
+
+
+def test_bad_markers_table_given_explicitly_is_one_usage_error(cli, run_with_slides, tmp_path):
+    run = run_with_slides
+    bad = tmp_path / "badcols.csv"
+    bad.write_text("slide_id,x,y\npos,1,2\n")
+    r = cli("heatmap", "--run", str(run), "--markers", str(bad), "--overwrite", "-q")
+    line = _one_error_line(r)  # not once per slide, and no batch summary
+    assert "badcols.csv" in line and "not a markers table" in line
+    assert not (run / "failures.csv").exists() and not (run / "heatmaps" / "pos.png").exists()
+
+
+def test_bad_markers_table_found_next_to_the_slides_fails_its_slides_only(cli, run_with_slides):
+    run = run_with_slides
+    (run.parent / "slides" / "markers.csv").write_text("slide_id,x,y\npos,1,2\n")
+    r = cli("heatmap", "--run", str(run), "--thumbnail-px", "256", "--top-k", "0")
+    assert r.returncode == 1, r.stderr
+    assert "FAILED pos" in r.stderr and "FAILED neg" in r.stderr
+    assert "error:" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+    rows = list(csv.DictReader(open(run / "failures.csv")))
+    assert sorted(x["slide_id"] for x in rows) == ["neg", "pos"]

@@ -208,7 +208,7 @@ def localisation_report(
     run = Path(run_dir)
     files = attention_files(run)
     paths = resolve_slide_paths(run, files, slides_csv)
-    cache: dict[Path, dict[str, np.ndarray]] = {}
+    cache: dict[Path, dict[str, np.ndarray] | WsiMilError] = {}
     rows: list[dict[str, Any]] = []
     excluded: dict[str, str] = {}
     used: set[str] = set()
@@ -218,7 +218,14 @@ def localisation_report(
             excluded[sid] = "no markers.csv found"
             continue
         if mpath not in cache:
-            cache[mpath] = read_markers(mpath)
+            try:
+                cache[mpath] = read_markers(mpath)
+            except WsiMilError as e:  # a markers.csv found next to the slides: its slides
+                cache[mpath] = e  # already failed in the batch; the report leaves them out
+        table = cache[mpath]
+        if isinstance(table, WsiMilError):
+            excluded[sid] = str(table)
+            continue
         used.add(str(mpath))
         try:
             am = read_attention(f)
@@ -228,7 +235,7 @@ def localisation_report(
         if not am.has_coords:
             excluded[sid] = "attention file has no coordinates"
             continue
-        boxes = cache[mpath].get(sid, np.zeros((0, 4), np.int64))
+        boxes = table.get(sid, np.zeros((0, 4), np.int64))
         row = {
             "slide_id": sid,
             "label": am.label,

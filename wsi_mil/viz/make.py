@@ -124,8 +124,12 @@ def make_heatmaps(
     if cfg.slide_id:
         check_slide_id(files, cfg.slide_id, run)
         files = {cfg.slide_id: files[cfg.slide_id]}
-    if cfg.markers and not Path(cfg.markers).is_file():
-        raise ConfigError(f"markers file {cfg.markers} does not exist", "check the --markers path")
+    if cfg.markers:  # given explicitly: a bad table is a usage error, reported once up front
+        if not Path(cfg.markers).is_file():
+            raise ConfigError(
+                f"markers file {cfg.markers} does not exist", "check the --markers path"
+            )
+        _markers_table(Path(cfg.markers))
     paths = resolve_slide_paths(run, files, cfg.slides)
     out_dir = heatmap_dir(run)
     out_dir.mkdir(parents=True, exist_ok=True)
