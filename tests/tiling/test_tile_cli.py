@@ -214,3 +214,29 @@ def test_sigkill_mid_slide_then_resume_is_identical(tmp_path, make_slide):
     )
     assert r.returncode == 0, r.stderr
     _same_store(patches / "big.zarr", clean / "patches" / "big.zarr")
+
+
+def test_default_tissue_finds_cells_in_a_one_channel_fluorescence_image(tmp_path, cli):
+    """Cell imaging: a uint16 one-channel OME-TIFF, bright nuclei on a dark field. The
+    default mask (no saturation in grey images) keeps the patches with nuclei only."""
+    import tifffile
+
+    rng = np.random.default_rng(0)
+    h, w, patch = 512, 768, 128
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = 400 + rng.normal(0, 30, (h, w))  # camera offset + noise, 16-bit counts
+    centres = [(64, 64), (70, 600), (300, 330), (450, 700)]
+    for cy, cx in centres:
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 <= 30**2] += 9000
+    tifffile.imwrite(
+        tmp_path / "cells.ome.tif", np.clip(img, 0, 65535).astype(np.uint16), ome=True,
+        tile=(128, 128), metadata={"axes": "YX"},
+    )  # fmt: skip
+    table = _table(tmp_path / "s.csv", [("cells", tmp_path / "cells.ome.tif")])
+    r = cli("-q", "tile", "--slides", str(table), "--work", str(tmp_path / "w"),
+            "--patch-size", str(patch), "--no-pixels")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    store = PatchStore.open(tmp_path / "w" / "patches" / "cells.zarr")
+    kept = {(int(x) // patch, int(y) // patch) for x, y in store.coords}
+    with_cells = {(cx // patch, cy // patch) for cy, cx in centres}
+    assert with_cells <= kept and len(kept) <= 2 * len(with_cells), kept

@@ -146,3 +146,50 @@ def test_mask_equals_the_scipy_pipeline() -> None:
         got = tissue_mask(rgb)
         assert 0 < got.mean() < 1, "the image should have tissue and glass"
         np.testing.assert_array_equal(got, reference(rgb))
+
+
+def _blobs(h: int, w: int, centres: list[tuple[int, int]], radius: int) -> np.ndarray:
+    yy, xx = np.mgrid[0:h, 0:w]
+    m = np.zeros((h, w), bool)
+    for cy, cx in centres:
+        m |= (yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2
+    return m
+
+
+def _gray_rgb(level: np.ndarray) -> np.ndarray:
+    return np.repeat(np.clip(level, 0, 255).astype(np.uint8)[..., None], 3, axis=-1)
+
+
+@pytest.mark.parametrize(
+    ("background", "objects"),
+    [(235, 150), (10, 90), (12, 27)],
+    ids=["grey brightfield", "fluorescence", "dim fluorescence"],
+)
+def test_grey_images_find_objects_by_contrast_to_the_background(background, objects):
+    """One-channel images have no saturation: the mask follows the contrast to the
+    background, whichever side it is on (cell imaging, grey scans)."""
+    rng = np.random.default_rng(background)
+    h, w = 300, 400
+    truth = _blobs(h, w, [(60, 80), (200, 300), (150, 180), (240, 60)], 25)
+    level = np.where(truth, objects, background) + rng.normal(0, 3, (h, w))
+    mask = tissue_mask(_gray_rgb(level))
+    inter, union = (mask & truth).sum(), (mask | truth).sum()
+    assert inter / union > 0.8, inter / union
+
+
+@pytest.mark.parametrize("background", [8, 128, 242])
+def test_blank_grey_field_has_no_foreground(background):
+    rng = np.random.default_rng(background)
+    level = background + rng.normal(0, 3, (200, 260))
+    assert not tissue_mask(_gray_rgb(level)).any()
+
+
+def test_colour_images_still_use_saturation():
+    """An H&E-like image stays on the saturation path (floor MIN_SATURATION), even when
+    its tissue is small: a grey test would have to see 99 % of pixels without chroma."""
+    from wsi_mil.tiling.tissue import MIN_SATURATION, foreground_score
+
+    rgb = tissue_slide_image(200, 300)
+    score, floor = foreground_score(rgb)
+    assert floor == MIN_SATURATION
+    np.testing.assert_array_equal(score, saturation(rgb))

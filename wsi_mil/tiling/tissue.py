@@ -1,9 +1,13 @@
 """Tissue detection on a thumbnail and per-patch tissue fractions (pure, no I/O).
 
-Default method (``otsu``): HSV saturation of the thumbnail, median-smoothed, thresholded
-with Otsu (never below a floor, so blank glass with a little noise stays background),
-then closing, hole filling and removal of specks. ``none`` treats the whole image as
-foreground (synthetic or pre-cropped images).
+Default method (``otsu``): a foreground score per thumbnail pixel, mean-smoothed,
+thresholded with Otsu (never below a floor, so blank glass or an empty dark field with a
+little noise stays background), then closing, hole filling and removal of specks. The
+score is the HSV saturation for colour images (H&E, IHC, colour fluorescence composites:
+glass and black background have none); for grey images (one channel, where saturation is
+zero everywhere) it is the contrast to the background: darkness below a bright background
+(grey brightfield) or brightness above a dark one (fluorescence). ``none`` treats the
+whole image as foreground (synthetic or pre-cropped images).
 """
 
 from __future__ import annotations
@@ -18,6 +22,11 @@ TISSUE_METHODS = ("otsu", "none")
 #: saturation (0..255) below which a pixel is never tissue, whatever Otsu says: blank
 #: glass has saturation ~0-10; the palest eosin stays above ~25.
 MIN_SATURATION = 20
+#: grey images: contrast to the background (grey levels) below which a pixel is never
+#: foreground; a blank field's noise stays below it, dim fluorescence (~+15) above
+MIN_CONTRAST = 12
+#: an image is grey when 99 % of its thumbnail pixels have max - min channel <= this
+GRAY_CHROMA = 6
 #: connected tissue pieces smaller than this fraction of the thumbnail are dropped
 MIN_OBJECT_FRACTION = 1e-4
 
@@ -36,12 +45,48 @@ _SATURATION_LUT = _saturation_lut()
 def saturation(rgb: np.ndarray) -> np.ndarray:
     """(h, w) uint8 HSV saturation of an (h, w, 3) uint8 RGB image (0 for black and grey):
     round((max - min) * 255 / max)."""
+    return _saturation_of(*_max_chroma(rgb))
+
+
+def _max_chroma(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(max, max - min) over the channels of an (h, w, 3) uint8 image, each (h, w) uint8."""
     rgb = np.asarray(rgb, np.uint8)
     r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
     mx = np.maximum(np.maximum(r, g), b)
+    return mx, mx - np.minimum(np.minimum(r, g), b)
+
+
+def _saturation_of(mx: np.ndarray, chroma: np.ndarray) -> np.ndarray:
     idx = mx.astype(np.uint16) << 8
-    idx |= mx - np.minimum(np.minimum(r, g), b)
+    idx |= chroma
     return _SATURATION_LUT[idx]  # a table lookup: 7x faster than the integer division
+
+
+def _percentile_u8(values: np.ndarray, q: float) -> int:
+    """The smallest uint8 value v with at least ``q`` % of ``values`` <= v (by histogram)."""
+    counts = np.cumsum(np.bincount(np.asarray(values, np.uint8).ravel(), minlength=256))
+    return int(np.searchsorted(counts, q / 100 * counts[-1]))
+
+
+def foreground_score(thumb_rgb: np.ndarray) -> tuple[np.ndarray, int]:
+    """((h, w) uint8 score, floor): how much each pixel of an (h, w, 3) uint8 thumbnail looks
+    like tissue (higher = more), and the score below which it never counts.
+
+    Colour images: HSV saturation, floor :data:`MIN_SATURATION`. Grey images (R = G = B up to
+    :data:`GRAY_CHROMA`): the contrast to the background, floor :data:`MIN_CONTRAST`. The
+    background is the majority side of the intensity's Otsu split: bright (brightfield:
+    score = 95th-percentile level - pixel) or dark (fluorescence: pixel - 5th-percentile level).
+    """
+    rgb = np.asarray(thumb_rgb, np.uint8)
+    mx, chroma = _max_chroma(rgb)
+    if chroma.size == 0 or _percentile_u8(chroma, 99) > GRAY_CHROMA:
+        return _saturation_of(mx, chroma), MIN_SATURATION
+    level = (rgb.astype(np.uint16).sum(axis=-1) // 3).astype(np.uint8)
+    if _percentile_u8(level, 50) >= otsu_threshold(level):  # mostly bright: objects darker
+        score = np.clip(_percentile_u8(level, 95) - level.astype(np.int16), 0, 255)
+    else:  # mostly dark: objects are brighter
+        score = np.clip(level.astype(np.int16) - _percentile_u8(level, 5), 0, 255)
+    return score.astype(np.uint8), MIN_CONTRAST
 
 
 def otsu_threshold(values: np.ndarray) -> int:
@@ -72,9 +117,10 @@ def tissue_mask(thumb_rgb: np.ndarray, method: str = "otsu") -> np.ndarray:
     h, w = thumb_rgb.shape[:2]
     if method == "none":
         return np.ones((h, w), bool)
-    sat = mean_filter(saturation(thumb_rgb), 5)
-    thr = max(otsu_threshold(sat), MIN_SATURATION)
-    mask = (sat >= thr).astype(np.uint8)
+    score, floor = foreground_score(thumb_rgb)
+    score = mean_filter(score, 5)
+    thr = max(otsu_threshold(score), floor)
+    mask = (score >= thr).astype(np.uint8)
     # closing (square, radius ~0.25% of the thumbnail) bridges gaps between nearby tissue
     # pieces; max/min filters of a square are separable, so this stays fast at 2048 px
     k = 2 * max(1, round(min(h, w) / 400)) + 1
