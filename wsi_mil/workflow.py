@@ -227,10 +227,13 @@ class StageRun:
     exit_code: int
     seconds: float
     outputs: str
+    up_to_date: bool = False  # a per-slide stage that found every output current
 
     def line(self) -> str:
         status = {0: "ok", 1: "some slides failed", 2: "STOPPED (error)", 3: "CRASHED"}
         s = status.get(self.exit_code, f"failed (exit {self.exit_code})")
+        if self.exit_code == 0 and self.up_to_date:
+            s = "up to date"
         return f"[run] {self.stage:<8} {s:<12} {self.seconds:7.1f} s  -> {self.outputs}"
 
 
@@ -300,10 +303,17 @@ def run_pipeline(
         if stage == "synth" and synth_up_to_date(config_path):
             echo(f"[run] synth    up to date       -> {stage_output('synth', config_path)}")
             continue
+        from wsi_mil.cli.common import take_last_batch
+
+        take_last_batch()
         t0 = time.perf_counter()
         code = invoke_stage(stage, config_path, global_args)
         sys.stderr.flush()
-        r = StageRun(stage, code, time.perf_counter() - t0, stage_output(stage, config_path))
+        batch = take_last_batch()
+        current = bool(batch and batch.skipped and not batch.done and not batch.failed)
+        r = StageRun(
+            stage, code, time.perf_counter() - t0, stage_output(stage, config_path), current
+        )
         runs.append(r)
         echo(r.line())
         if code == 2:

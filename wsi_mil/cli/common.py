@@ -212,8 +212,20 @@ def debug_enabled() -> bool:
     return bool(root and root.obj and root.obj.get("debug"))
 
 
+#: the BatchResult of the last per-slide command run in this process (``wsi-mil run`` reads it)
+_LAST_BATCH: list[Any] = []
+
+
+def take_last_batch() -> Any:
+    """The last per-slide stage's BatchResult since the previous call (None if none)."""
+    r = _LAST_BATCH[-1] if _LAST_BATCH else None
+    _LAST_BATCH.clear()
+    return r
+
+
 def finish_batch(result: Any) -> None:
     """Print a batch summary and exit 0 (all done) or 1 (some slides failed)."""
+    _LAST_BATCH[:] = [result]
     click.echo(result.summary(), err=True)
     sys.exit(result.exit_code)
 
