@@ -93,3 +93,16 @@ def test_unreadable_checkpoint_says_it_is_not_a_pytorch_checkpoint(tmp_path):
         msg = str(e.value)
         assert f"{tmp_path / name} is not a PyTorch checkpoint" in msg and why in msg, msg
         assert "--checkpoint best, last" in msg
+
+
+def test_timm_install_hint_is_the_editable_install_of_the_clone(cli, tmp_path):
+    r = cli("extract", "--help")
+    text = " ".join(r.stdout.split())
+    assert "pip install -e '.[timm]'" in text and "wsi-mil[timm]" not in text, text
+    import importlib.util
+
+    if importlib.util.find_spec("timm") is None:
+        (tmp_path / "s.csv").write_text("slide_id,path\na,a.tiff\n")
+        r = cli("extract", "--slides", "s.csv", "--encoder", "timm:resnet18", cwd=tmp_path)
+        assert r.returncode == 2 and "needs timm" in r.stderr, r.stderr
+        assert "pip install -e '.[timm]'" in r.stderr and "wsi-mil[timm]" not in r.stderr

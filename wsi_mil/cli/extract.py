@@ -35,7 +35,8 @@ from wsi_mil.cli.common import (
 
     The default resnet-patch-cnn is UNTRAINED unless --weights is given: its features
     are a random-CNN baseline. Use --weights R/encoder.pt (from 'wsi-mil train --mode
-    e2e') or --encoder timm:<model> (pip install 'wsi-mil[timm]') for real features.
+    e2e') or --encoder timm:<model> (pip install -e '.[timm]' in the clone) for
+    real features.
 
     On parallel file systems (Lustre, GPFS) set HDF5_USE_FILE_LOCKING=FALSE.
     """,

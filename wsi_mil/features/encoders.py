@@ -355,7 +355,7 @@ def _create_timm(
     except ImportError:
         raise ConfigError(
             f"encoder {name!r} needs timm, which is not installed",
-            "pip install 'wsi-mil[timm]' (or pip install timm)",
+            "in the wsi-mil clone: pip install -e '.[timm]' (or pip install timm)",
         ) from None
     model_name = name[len(TIMM_PREFIX) :]
     pretrained = bool(kw.pop("pretrained", sd is None))
