@@ -193,3 +193,17 @@ def test_colour_images_still_use_saturation():
     score, floor = foreground_score(rgb)
     assert floor == MIN_SATURATION
     np.testing.assert_array_equal(score, saturation(rgb))
+
+
+@pytest.mark.parametrize("background", [1, 3, 8])
+def test_colour_fluorescence_on_a_near_black_field(background):
+    """Nuclei in the blue channel over a near-black noisy field: saturation would call the
+    whole field tissue ((2, 0, 1) is fully saturated); brightness above it does not."""
+    rng = np.random.default_rng(background)
+    h, w = 300, 400
+    truth = _blobs(h, w, [(60, 80), (200, 300), (150, 180), (240, 60)], 25)
+    img = np.clip(rng.normal(background, 1.5, (h, w, 3)), 0, 255)
+    img[truth, 2] += 120
+    img[truth, 1] += 40
+    mask = tissue_mask(img.astype(np.uint8))
+    assert (mask & truth).sum() / (mask | truth).sum() > 0.9

@@ -3,11 +3,11 @@
 Default method (``otsu``): a foreground score per thumbnail pixel, mean-smoothed,
 thresholded with Otsu (never below a floor, so blank glass or an empty dark field with a
 little noise stays background), then closing, hole filling and removal of specks. The
-score is the HSV saturation for colour images (H&E, IHC, colour fluorescence composites:
-glass and black background have none); for grey images (one channel, where saturation is
-zero everywhere) it is the contrast to the background: darkness below a bright background
-(grey brightfield) or brightness above a dark one (fluorescence). ``none`` treats the
-whole image as foreground (synthetic or pre-cropped images).
+score is the HSV saturation for brightfield colour images (H&E, IHC: glass has none);
+the darkness below the background for grey brightfield images (no saturation at all); and
+the brightness above the background for images on a dark background (fluorescence, grey or
+colour composites). ``none`` treats the whole image as foreground (synthetic or pre-cropped
+images).
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ MIN_SATURATION = 20
 MIN_CONTRAST = 12
 #: an image is grey when 99 % of its thumbnail pixels have max - min channel <= this
 GRAY_CHROMA = 6
+#: the background is dark (fluorescence, dark field) when the median pixel's brightest
+#: channel is below this; glass in brightfield is ~200-250
+DARK_BACKGROUND = 64
 #: connected tissue pieces smaller than this fraction of the thumbnail are dropped
 MIN_OBJECT_FRACTION = 1e-4
 
@@ -72,20 +75,25 @@ def foreground_score(thumb_rgb: np.ndarray) -> tuple[np.ndarray, int]:
     """((h, w) uint8 score, floor): how much each pixel of an (h, w, 3) uint8 thumbnail looks
     like tissue (higher = more), and the score below which it never counts.
 
-    Colour images: HSV saturation, floor :data:`MIN_SATURATION`. Grey images (R = G = B up to
-    :data:`GRAY_CHROMA`): the contrast to the background, floor :data:`MIN_CONTRAST`. The
-    background is the majority side of the intensity's Otsu split: bright (brightfield:
-    score = 95th-percentile level - pixel) or dark (fluorescence: pixel - 5th-percentile level).
+    - Dark background (the median pixel's brightest channel below :data:`DARK_BACKGROUND`:
+      fluorescence, dark field, grey or colour): brightness above the background, i.e. the
+      brightest channel minus its 5th percentile; floor :data:`MIN_CONTRAST`. (Saturation
+      is noise there: a pixel of (2, 0, 1) is fully saturated.)
+    - Bright background, colour (H&E, IHC): HSV saturation; floor :data:`MIN_SATURATION`.
+    - Bright background, grey (R = G = B up to :data:`GRAY_CHROMA`, so no saturation):
+      darkness below the background, i.e. the 95th percentile minus the pixel; floor
+      :data:`MIN_CONTRAST`.
     """
     rgb = np.asarray(thumb_rgb, np.uint8)
     mx, chroma = _max_chroma(rgb)
-    if chroma.size == 0 or _percentile_u8(chroma, 99) > GRAY_CHROMA:
+    if mx.size == 0:
+        return mx, MIN_SATURATION
+    if _percentile_u8(mx, 50) < DARK_BACKGROUND:
+        score = np.clip(mx.astype(np.int16) - _percentile_u8(mx, 5), 0, 255)
+        return score.astype(np.uint8), MIN_CONTRAST
+    if _percentile_u8(chroma, 99) > GRAY_CHROMA:
         return _saturation_of(mx, chroma), MIN_SATURATION
-    level = (rgb.astype(np.uint16).sum(axis=-1) // 3).astype(np.uint8)
-    if _percentile_u8(level, 50) >= otsu_threshold(level):  # mostly bright: objects darker
-        score = np.clip(_percentile_u8(level, 95) - level.astype(np.int16), 0, 255)
-    else:  # mostly dark: objects are brighter
-        score = np.clip(level.astype(np.int16) - _percentile_u8(level, 5), 0, 255)
+    score = np.clip(_percentile_u8(mx, 95) - mx.astype(np.int16), 0, 255)
     return score.astype(np.uint8), MIN_CONTRAST
 
 
