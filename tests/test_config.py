@@ -132,3 +132,19 @@ def test_shipped_configs_pass_the_unknown_key_check():
             ctx = click.Context(cmd)
             _load_config(ctx, None, str(c))  # raises ConfigError on any unknown key
             assert ctx.default_map is not None, (c, name)
+
+
+def test_shipped_config_comments_match_the_tool():
+    from pathlib import Path
+
+    configs = Path(__file__).parents[1] / "configs"
+    for c in sorted(configs.glob("*.yaml")):
+        for line in c.read_text().splitlines():
+            if line.startswith("#") and "torchrun" in line and " -m " in line:
+                # without '--' torchrun takes --run for its own --run-path and stops
+                assert "-m -- wsi_mil" in line and "--standalone" in line, (c.name, line)
+    small = load_config_file(configs / "e2e-small.yaml", "synth")
+    demo = (configs / "demo.yaml").read_text()
+    if "test=" in small["splits"]:
+        assert "without a test split" not in demo
+        assert small["splits"].split(",")[-1].split("=")[1] in demo  # its test share is named
