@@ -102,17 +102,22 @@ def test_rerun_skips_current_slides_and_rescores_changed_ones(trained, tmp_path)
 
 
 def test_a_bad_slide_is_recorded_and_the_others_finish(trained, tmp_path, cli):
+    """The first slide (the one the up-front folder check looks at) has non-finite features
+    and another store is truncated: both are recorded, the other 10 are scored."""
     run, feats, table = _fresh(trained, tmp_path)
-    with h5py.File(feats / "bag005.h5", "r+") as f:
-        f["features"][0, 0] = np.nan  # a broken store: non-finite features
+    with h5py.File(feats / "bag000.h5", "r+") as f:
+        f["features"][0, 0] = np.nan
+    data = (feats / "bag005.h5").read_bytes()
+    (feats / "bag005.h5").write_bytes(data[: len(data) // 3])
     r = cli("-q", "predict", "--slides", str(table), "--work", str(tmp_path / "w"), "--run", str(run),
             "--features", str(feats), "--device", "cpu", env=ENV)  # fmt: skip
     assert r.returncode == 1, r.stderr
-    assert "Traceback" not in r.stderr and "FAILED bag005" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert "FAILED bag000" in r.stderr and "FAILED bag005" in r.stderr
     preds = pd.read_csv(run / "predictions.csv")
-    assert len(preds) == 11 and "bag005" not in set(preds.slide_id)
+    assert len(preds) == 10 and not {"bag000", "bag005"} & set(preds.slide_id)
     fails = pd.read_csv(tmp_path / "w" / "failures.csv")
-    assert list(fails.slide_id) == ["bag005"] and (fails.stage == "predict").all()
+    assert sorted(fails.slide_id) == ["bag000", "bag005"] and (fails.stage == "predict").all()
 
 
 def test_shards_then_one_collecting_call_equal_one_unsharded_run(trained, tmp_path, cli):

@@ -252,8 +252,7 @@ def predict_slides(
         mine = [e for e, _ in found]
         stores = {e.slide_id: p for e, p in found}
         if found:  # a wrong folder (other encoder, no coords) is one error, not N failures
-            e0, p0 = found[0]
-            _check_bag_fits(model, bag_from_feature_bag(e0, open_features(p0)))
+            _check_folder_fits(model, found[0][1])
 
     def inputs_of(entry: SlideEntry) -> dict[str, Any]:
         store = stores[entry.slide_id]
@@ -359,19 +358,33 @@ def _warn_missing(missing: Sequence[str], n: int, features_dir: Path) -> None:
     )
 
 
-def _check_bag_fits(model: PositionalAttentionMIL, bag: Bag) -> None:
-    """DataError when ``bag`` cannot go through ``model`` (feature width, coordinates)."""
-    if bag.dim != model.in_dim:
+def _check_fits(model: PositionalAttentionMIL, dim: int, has_coords: bool, what: str) -> None:
+    """DataError when features of width ``dim`` (with/without coords) cannot go through ``model``."""
+    if dim != model.in_dim:
         raise DataError(
-            f"{bag.path}: slide {bag.slide_id} has D={bag.dim} features, the model was trained on D={model.in_dim}",
+            f"{what} has D={dim} features, the model was trained on D={model.in_dim}",
             "use the feature folder (encoder) the run was trained with",
         )
-    if model.use_pos and bag.norm_coords is None:
+    if model.use_pos and not has_coords:
         raise DataError(
-            f"{bag.path}: slide {bag.slide_id} has no coordinates but the model uses the "
-            "positional encoding",
+            f"{what} has no coordinates but the model uses the positional encoding",
             "use feature stores with coords, or train with --no-pos",
         )
+
+
+def _check_bag_fits(model: PositionalAttentionMIL, bag: Bag) -> None:
+    _check_fits(model, bag.dim, bag.has_coords, f"{bag.path}: slide {bag.slide_id}")
+
+
+def _check_folder_fits(model: PositionalAttentionMIL, store: Path) -> None:
+    """The check above on one store of a feature folder, before the batch: a folder of
+    another encoder is one usage error, not a failure per slide. A store that cannot be
+    read is left to its slide's own (recorded) failure."""
+    try:
+        fb = open_features(store)
+    except Exception:  # noqa: BLE001 - reported per slide by the batch
+        return
+    _check_fits(model, fb.dim, fb.coords is not None, f"{store}: slide {store.stem}")
 
 
 def _current_prob(path: Path, inputs: dict[str, Any]) -> float | None:
