@@ -69,6 +69,19 @@ def test_cli_exit_codes_and_failures(tmp_path, fx, cli):
     assert "1 up to date" in r.stderr
 
 
+def test_feature_store_records_an_absolute_slide_path(tmp_path, fx, cli):
+    """Run from the table's folder with relative paths: the store still names the slide
+    absolutely, so predict and heatmap find it from anywhere."""
+    fx.write_random_store(tmp_path / "W" / "patches" / "a.zarr", n=3, patch_px=32)
+    (tmp_path / "slides.csv").write_text("slide_id,path\na,img/a.tiff\n")
+    r = cli("-q", "extract", "--slides", "slides.csv", "--work", "W", "--feature-dim", "8",
+            cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    (store,) = (tmp_path / "W" / "features").glob("*/a.h5")
+    with h5py.File(store, "r") as f:
+        assert f.attrs["slide_path"] == str((tmp_path / "img" / "a.tiff").resolve())
+
+
 def _freeze_inside_a_slide(
     proc: subprocess.Popen, feat_root: Path, ids: list[str], timeout_s: float = 120
 ) -> str:

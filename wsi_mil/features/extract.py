@@ -351,7 +351,8 @@ def feature_attrs(
         "level": int(store.level),
         "patch_size": int(store.patch_size),
         "patch_size_level0": int(store.patch_size_level0),
-        "slide_path": str(slide_path) if slide_path else "",
+        # absolute: predict and heatmap may run from another folder than extract did
+        "slide_path": str(Path(slide_path).resolve()) if slide_path else "",
         "source_store": str(Path(store.path).resolve()),
         "source_digest": digest,
     }
