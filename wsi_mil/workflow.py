@@ -104,7 +104,7 @@ def patches_dir(config_path: str | os.PathLike) -> Path:
 def run_dir(config_path: str | os.PathLike, stage: str = "train") -> Path:
     """The run folder a stage uses (``run:``), else ``runs/default`` as train/predict default."""
     v = resolve_options(stage, config_path).get("run")
-    # a required option without a value resolves to click's unset marker, not a path
+    # an option without a value may resolve to click's unset marker, not a path
     return Path(v) if isinstance(v, (str, os.PathLike)) and str(v) else Path("runs/default")
 
 

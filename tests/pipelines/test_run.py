@@ -56,8 +56,8 @@ def test_options_resolve_like_the_stage_commands(tmp_path):
 
 
 def test_run_folder_defaults_without_a_run_key(tmp_path):
-    """No `run:` key: every stage's run folder is runs/default (heatmap's --run is required,
-    and resolving it used to hand click's unset marker to Path)."""
+    """No `run:` key: every stage's run folder is runs/default (heatmap's --run used to be
+    required, and resolving it handed click's unset marker to Path)."""
     cfg = _cfg(tmp_path, "slides: s.csv\nwork: W\n")
     for stage in ("train", "predict", "heatmap"):
         assert run_dir(cfg, stage) == Path("runs/default")

@@ -238,3 +238,14 @@ def test_bad_markers_table_found_next_to_the_slides_fails_its_slides_only(cli, r
     assert "error:" not in r.stderr and "Traceback" not in r.stderr, r.stderr
     rows = list(csv.DictReader(open(run / "failures.csv")))
     assert sorted(x["slide_id"] for x in rows) == ["neg", "pos"]
+
+
+def test_run_defaults_to_runs_default_like_train_and_predict(cli, run_with_slides, tmp_path):
+    import shutil
+
+    shutil.copytree(run_with_slides, tmp_path / "here" / "runs" / "default")
+    r = cli("-q", "heatmap", "--slide-id", "neg", "--top-k", "0", cwd=tmp_path / "here")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "here" / "runs" / "default" / "heatmaps" / "neg.png").is_file()
+    r = cli("-q", "heatmap", cwd=tmp_path)  # no run there: one clear line, exit 2
+    assert r.returncode == 2 and "runs/default" in r.stderr and "Traceback" not in r.stderr

@@ -51,8 +51,9 @@ from wsi_mil.cli.common import (
     "--run",
     "-r",
     type=click.Path(file_okay=False),
-    required=True,
-    help="Run folder holding attention/ (from 'wsi-mil predict').",
+    default="runs/default",
+    show_default=True,
+    help="Run folder holding attention/ (from 'wsi-mil predict'); the default is train's and predict's.",
 )
 @click.option("--slide-id", default=None, help="Only this slide (default: every attention file).")
 @click.option(

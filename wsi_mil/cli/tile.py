@@ -85,8 +85,9 @@ from wsi_mil.cli.common import (
     type=click.Choice(["otsu", "none"]),
     default="otsu",
     show_default=True,
-    help="otsu: saturation + Otsu on a thumbnail; none: the whole image is foreground "
-    "(synthetic or pre-cropped images; every grid patch is kept).",
+    help="otsu: Otsu threshold on a thumbnail of saturation (brightfield colour), darkness "
+    "(grey brightfield) or brightness (fluorescence, dark background); none: the whole image "
+    "is foreground (synthetic or pre-cropped images; every grid patch is kept).",
 )
 @click.option(
     "--min-tissue",

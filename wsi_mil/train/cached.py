@@ -61,7 +61,7 @@ def check_train_classes(train: Sequence[Bag]) -> None:
     if labels != {0, 1}:
         only = next(iter(labels))
         raise DataError(
-            f"the training split has only label {only} ({len(train)} slides)",
+            f"the training split has only label {only} ({len(train)} slide{'s' if len(train) != 1 else ''})",
             "a classifier needs both 0 and 1 slides in training; check the labels and the split column",
         )
 
