@@ -158,3 +158,29 @@ def test_attention_file_records_an_absolute_slide_path(trained, tmp_path, cli):
     assert r.returncode == 0, r.stderr
     with h5py.File(run / "attention" / f"{rows[0]['slide_id']}.h5") as f:
         assert f.attrs["slide_path"] == str(tmp_path.resolve() / "slides" / "x.tiff")
+
+
+def test_out_keeps_the_runs_own_evaluation(trained, tmp_path, cli):
+    """--out OUT: an external cohort's predictions go to OUT (heatmap --run OUT reads
+    them); the run folder's predictions.csv and attention files are left as they were."""
+    run, feats, table = _fresh(trained, tmp_path)
+    args = ("-q", "predict", "--slides", str(table), "--work", str(tmp_path / "w"), "--run", str(run),
+            "--features", str(feats), "--device", "cpu")  # fmt: skip
+    assert cli(*args, env=ENV).returncode == 0
+    own = (run / "predictions.csv").read_text()
+    times = _mtimes(run)
+    rows = list(csv.DictReader(open(table)))[:4]
+    ext = tmp_path / "external.csv"
+    with open(ext, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows({**r, "label": ""} for r in rows)  # unlabelled
+    out = tmp_path / "ext-preds"
+    r = cli(*args[:3], str(ext), *args[4:], "--out", str(out), env=ENV)
+    assert r.returncode == 0, r.stderr
+    assert len(pd.read_csv(out / "predictions.csv")) == 4
+    assert len(list((out / "attention").glob("*.h5"))) == 4
+    assert (run / "predictions.csv").read_text() == own and _mtimes(run) == times
+    r = cli("-q", "heatmap", "--run", str(out), "--top-k", "0", env=ENV)
+    assert r.returncode == 0, r.stderr
+    assert len(list((out / "heatmaps").glob("*.png"))) == 4

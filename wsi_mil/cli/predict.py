@@ -28,6 +28,7 @@ from wsi_mil.cli.common import (
                              specificity per split and overall, with the threshold
     R/attention/<id>.h5      coords (N,2) level-0 xy + attention (N,) per slide
     R/plots/roc.png          ROC curves
+                             (all four under --out OUT instead of R when given)
     \b
     The split of a slide is the one it had in training (R/splits.csv), else the
     slide table's. Slides without a feature store are skipped with a warning.
@@ -86,6 +87,14 @@ from wsi_mil.cli.common import (
 @click.option(
     "--overwrite", is_flag=True, help="Score every slide again even when its output is current."
 )
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Write predictions.csv, metrics.json, plots/ and attention/ here instead of into the "
+    "run folder (e.g. an external cohort, without replacing the run's own evaluation); "
+    "'wsi-mil heatmap --run OUT' draws them.",
+)
 @shard_option
 def command(
     slides_csv: str | None, slide_paths: tuple[str, ...], shard: str | None, **kw: Any
@@ -102,8 +111,6 @@ def command(
         cfg, entries, parse_shard(shard), progress=progress_enabled(), debug=debug_enabled()
     )
     if out.metrics is not None:
-        click.echo(
-            f"predictions: {cfg.run / 'predictions.csv'}, metrics: {cfg.run / 'metrics.json'}",
-            err=True,
-        )
+        d = cfg.out or cfg.run
+        click.echo(f"predictions: {d / 'predictions.csv'}, metrics: {d / 'metrics.json'}", err=True)
     finish_batch(out.batch)

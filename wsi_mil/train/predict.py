@@ -191,8 +191,9 @@ def predict_slides(
     progress: bool = True,
     debug: bool = False,
 ) -> PredictOutcome:
-    """Score this shard's slides, one ``R/attention/<id>.h5`` each, then (unsharded) collect
-    ``predictions.csv``, ``metrics.json`` and ``plots/roc.png`` over all of them.
+    """Score this shard's slides, one ``attention/<id>.h5`` each, then (unsharded) collect
+    ``predictions.csv``, ``metrics.json`` and ``plots/roc.png`` over all of them; all in
+    ``cfg.out`` (default: the run folder ``R``).
 
     A slide whose attention file is complete and was made from the same checkpoint, feature
     (or patch) store, label and split is not scored again: its probability is read back.
@@ -201,6 +202,7 @@ def predict_slides(
     """
     run = Path(cfg.run)
     run_cfg = read_run_config(run)
+    out_dir = Path(cfg.out) if cfg.out else run
     if not 0.0 <= cfg.threshold <= 1.0:
         raise ConfigError(f"--threshold {cfg.threshold} is outside [0, 1]")
     if shard[1] > 1 and not cfg.attention:
@@ -269,7 +271,7 @@ def predict_slides(
 
     def one(entry: SlideEntry) -> None:
         sid = entry.slide_id
-        out = run / "attention" / f"{sid}.h5"
+        out = out_dir / "attention" / f"{sid}.h5"
         inputs = inputs_of(entry)
         if cfg.attention and not cfg.overwrite:
             prob = _current_prob(out, inputs)
@@ -319,7 +321,7 @@ def predict_slides(
     ]
     if not rows:
         return PredictOutcome(batch, None)
-    with atomic_path(run / "predictions.csv") as tmp, open(tmp, "w", newline="") as fh:
+    with atomic_path(out_dir / "predictions.csv") as tmp, open(tmp, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=PRED_COLUMNS)
         w.writeheader()
         for r in rows:
@@ -336,9 +338,9 @@ def predict_slides(
         "n_labelled": sum(r["label"] is not None for r in rows),
         **metrics_by_split(rows, cfg.threshold),
     }
-    with atomic_path(run / "metrics.json") as tmp:
+    with atomic_path(out_dir / "metrics.json") as tmp:
         Path(tmp).write_text(json.dumps(result, indent=2) + "\n")
-    _plot_roc(run, rows)
+    _plot_roc(out_dir, rows)
     _log_summary(result)
     return PredictOutcome(batch, result)
 
@@ -400,7 +402,7 @@ def _current_prob(path: Path, inputs: dict[str, Any]) -> float | None:
         return None
 
 
-def _plot_roc(run: Path, rows: Sequence[dict[str, Any]]) -> None:
+def _plot_roc(out_dir: Path, rows: Sequence[dict[str, Any]]) -> None:
     from wsi_mil.train.plots import plot_roc
 
     curves: dict[str, tuple[list[int], list[float]]] = {}
@@ -414,9 +416,9 @@ def _plot_roc(run: Path, rows: Sequence[dict[str, Any]]) -> None:
     if len(curves) == 2:  # one split only: "all" is the same curve
         curves.pop("all")
     try:
-        plot_roc(curves, run / "plots" / "roc.png")
+        plot_roc(curves, out_dir / "plots" / "roc.png")
     except Exception as e:  # noqa: BLE001 - a plot must never fail prediction
-        log.warning("could not draw %s: %s", run / "plots" / "roc.png", e)
+        log.warning("could not draw %s: %s", out_dir / "plots" / "roc.png", e)
 
 
 def _log_summary(result: dict[str, Any]) -> None:
