@@ -314,6 +314,12 @@ def _make_bag(
         feats = feats[0]
     if coords is not None and coords.ndim == 3 and coords.shape[0] == 1:
         coords = coords[0]
+    if feats.ndim == 1:
+        raise StoreError(
+            f"{p}: features have shape {feats.shape}, expected (N, D): one vector per slide",
+            "that is a slide embedding (e.g. TRIDENT slide_features_*); pass the folder of "
+            "patch features (CLAM h5_files/pt_files, TRIDENT features_<encoder>)",
+        )
     if feats.ndim != 2:
         raise StoreError(f"{p}: features have shape {feats.shape}, expected (N, D)")
     if coords is not None:
@@ -333,22 +339,46 @@ def _make_bag(
             attrs["patch_size_level0_inferred"] = ps0 is not None
         if ps0 is not None:
             attrs["patch_size_level0"] = ps0
-    size = None
-    if attrs.get("level0_width") and attrs.get("level0_height"):
-        size = (int(attrs["level0_width"]), int(attrs["level0_height"]))
-    return FeatureBag(feats, coords, attrs, p, size)
+    return FeatureBag(feats, coords, attrs, p, _level0_size(attrs))
+
+
+def _level0_size(attrs: dict[str, Any]) -> tuple[int, int] | None:
+    """Level-0 (width, height): ours (root attrs), TRIDENT (``coords`` attrs ``level0_width``/
+    ``level0_height``) or CLAM's patches h5 (``coords`` attrs ``level_dim`` of ``patch_level``
+    times ``downsample``); None when the store does not say (CLAM ``h5_files``)."""
+    for prefix in ("", "coords_"):
+        w, h = attrs.get(f"{prefix}level0_width"), attrs.get(f"{prefix}level0_height")
+        try:
+            if w and h and int(w) > 0 and int(h) > 0:
+                return int(w), int(h)
+        except (TypeError, ValueError):  # e.g. TRIDENT's "None" strings
+            continue
+    dims = attrs.get("coords_level_dim")
+    try:
+        dims = [float(v) for v in np.ravel(dims)] if dims is not None else []
+        ds = attrs.get("coords_downsample", 1.0)
+        ds = [float(v) for v in np.ravel(ds)] if ds is not None else [1.0]
+        if len(dims) == 2 and all(d > 0 for d in dims):
+            dx, dy = (ds[0], ds[-1]) if ds else (1.0, 1.0)
+            return int(round(dims[0] * dx)), int(round(dims[1] * dy))
+    except (TypeError, ValueError):
+        pass
+    return None
 
 
 def _patch_size_level0_from_coords_attrs(attrs: dict[str, Any]) -> int | None:
     """TRIDENT stores ``patch_size_level0``; CLAM's patches h5 ``patch_size`` + ``downsample``."""
-    if attrs.get("coords_patch_size_level0"):
-        return int(attrs["coords_patch_size_level0"])
-    ps, ds = attrs.get("coords_patch_size"), attrs.get("coords_downsample")
-    if ps and ds is not None:
-        d = float(ds[0]) if isinstance(ds, list | tuple) else float(ds)
-        return int(round(float(ps) * d))
-    if ps and attrs.get("coords_patch_level") == 0:
-        return int(ps)
+    try:
+        if attrs.get("coords_patch_size_level0"):
+            return int(attrs["coords_patch_size_level0"])
+        ps, ds = attrs.get("coords_patch_size"), attrs.get("coords_downsample")
+        if ps and ds is not None:
+            d = float(ds[0]) if isinstance(ds, list | tuple) else float(ds)
+            return int(round(float(ps) * d))
+        if ps and attrs.get("coords_patch_level") == 0:
+            return int(ps)
+    except (TypeError, ValueError):  # e.g. TRIDENT writes None as the string "None"
+        pass
     return None
 
 
@@ -366,7 +396,7 @@ def find_feature_file(features_dir: str | os.PathLike, slide_id: str) -> Path | 
     """The feature file of ``slide_id`` under ``features_dir``, in any supported layout, or None.
 
     Looks for ``<id>.h5`` (ours), CLAM ``h5_files/<id>.h5`` then ``pt_files/<id>.pt``,
-    ``<id>.pt``, and TRIDENT ``features_*/<id>.h5`` (``features_dir`` may be the
+    ``<id>.pt``, and TRIDENT ``features_*/<id>.h5`` or ``.pt`` (``features_dir`` may be the
     ``features_<enc>`` folder, its parent, or the TRIDENT job folder). Several TRIDENT
     encoders holding the slide is ambiguous: :class:`StoreError` asks for the exact folder.
     """
@@ -379,7 +409,12 @@ def find_feature_file(features_dir: str | os.PathLike, slide_id: str) -> Path | 
     ):
         if cand.is_file():
             return cand
-    for pattern in (f"features_*/{slide_id}.h5", f"*/features_*/{slide_id}.h5"):
+    for pattern in (
+        f"features_*/{slide_id}.h5",
+        f"*/features_*/{slide_id}.h5",
+        f"features_*/{slide_id}.pt",  # TRIDENT --save_features_as pt (coords: ../patches/)
+        f"*/features_*/{slide_id}.pt",
+    ):
         hits = sorted(p for p in d.glob(pattern) if p.is_file())
         if len(hits) == 1:
             return hits[0]
