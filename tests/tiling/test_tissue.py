@@ -184,15 +184,55 @@ def test_blank_grey_field_has_no_foreground(background):
     assert not tissue_mask(_gray_rgb(level)).any()
 
 
+def _he_disc(h: int, w: int, radius: int, glass_sigma: float, seed: int = 0):
+    """(rgb, truth): clean glass (238 +- sigma) with one pale pink disc, 15 % purple nuclei."""
+    rng = np.random.default_rng(seed)
+    truth = _blobs(h, w, [(h // 2, w // 2)], radius)
+    img = np.clip(rng.normal(238, glass_sigma, (h, w, 3)), 0, 255)
+    nuc = truth & (rng.random((h, w)) < 0.15)
+    img[truth] = np.array([238, 190, 215.0]) + rng.normal(0, 4, (truth.sum(), 3))
+    img[nuc] = np.array([150, 110, 190.0]) + rng.normal(0, 4, (nuc.sum(), 3))
+    return np.clip(img, 0, 255).astype(np.uint8), truth
+
+
 def test_colour_images_still_use_saturation():
-    """An H&E-like image stays on the saturation path (floor MIN_SATURATION), even when
-    its tissue is small: a grey test would have to see 99 % of pixels without chroma."""
     from wsi_mil.tiling.tissue import MIN_SATURATION, foreground_score
 
     rgb = tissue_slide_image(200, 300)
     score, floor = foreground_score(rgb)
     assert floor == MIN_SATURATION
     np.testing.assert_array_equal(score, saturation(rgb))
+
+
+@pytest.mark.parametrize("radius", [20, 30, 60])
+def test_colour_slide_with_under_one_percent_tissue_keeps_saturation(radius):
+    """A needle biopsy on clean glass (0.09-0.8 % tissue): still a colour image, and pale
+    eosin (as bright as the glass, so no darker) is found."""
+    from wsi_mil.tiling.tissue import MIN_SATURATION, foreground_score
+
+    rgb, truth = _he_disc(1000, 1400, radius, glass_sigma=1.0)
+    assert truth.mean() < 0.01
+    assert foreground_score(rgb)[1] == MIN_SATURATION
+    mask = tissue_mask(rgb)
+    assert (mask & truth).sum() / truth.sum() > 0.95 and (mask & ~truth).sum() < truth.sum() / 10
+
+
+@pytest.mark.parametrize("colour", [True, False], ids=["H&E", "grey brightfield"])
+def test_black_fill_of_an_unscanned_area_is_not_tissue(colour):
+    """Over half the thumbnail pure black (a scanner's fill), a strip of glass with tissue:
+    still brightfield; neither the glass nor the fill is tissue."""
+    rng = np.random.default_rng(1)
+    h, w = 600, 800
+    img = np.zeros((h, w, 3))
+    scanned = np.zeros((h, w), bool)
+    scanned[:, 450:] = True
+    img[scanned] = rng.normal(238, 2, (scanned.sum(), 3))
+    truth = _blobs(h, w, [(300, 620)], 80)
+    tissue_rgb = [200, 120, 170.0] if colour else [150, 150, 150.0]
+    img[truth] = np.array(tissue_rgb) + rng.normal(0, 4, (truth.sum(), 1 if not colour else 3))
+    mask = tissue_mask(np.clip(img, 0, 255).astype(np.uint8))
+    assert (mask & truth).sum() / truth.sum() > 0.95
+    assert (mask & ~truth).sum() < 0.01 * truth.sum()
 
 
 @pytest.mark.parametrize("background", [1, 3, 8])

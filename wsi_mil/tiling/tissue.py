@@ -25,8 +25,12 @@ MIN_SATURATION = 20
 #: grey images: contrast to the background (grey levels) below which a pixel is never
 #: foreground; a blank field's noise stays below it, dim fluorescence (~+15) above
 MIN_CONTRAST = 12
-#: an image is grey when 99 % of its thumbnail pixels have max - min channel <= this
+#: max - min channel of grey pixels (JPEG chroma noise included); colour pixels have more
+#: than twice this
 GRAY_CHROMA = 6
+#: a dark image is still brightfield when at least this share of it is glass (bright and
+#: colourless), e.g. a slide whose unscanned area is filled black
+GLASS_FRACTION = 0.1
 #: the background is dark (fluorescence, dark field) when the median pixel's brightest
 #: channel is below this; glass in brightfield is ~200-250
 DARK_BACKGROUND = 64
@@ -75,25 +79,32 @@ def foreground_score(thumb_rgb: np.ndarray) -> tuple[np.ndarray, int]:
     """((h, w) uint8 score, floor): how much each pixel of an (h, w, 3) uint8 thumbnail looks
     like tissue (higher = more), and the score below which it never counts.
 
-    - Dark background (the median pixel's brightest channel below :data:`DARK_BACKGROUND`:
-      fluorescence, dark field, grey or colour): brightness above the background, i.e. the
-      brightest channel minus its 5th percentile; floor :data:`MIN_CONTRAST`. (Saturation
-      is noise there: a pixel of (2, 0, 1) is fully saturated.)
-    - Bright background, colour (H&E, IHC): HSV saturation; floor :data:`MIN_SATURATION`.
-    - Bright background, grey (R = G = B up to :data:`GRAY_CHROMA`, so no saturation):
-      darkness below the background, i.e. the 95th percentile minus the pixel; floor
-      :data:`MIN_CONTRAST`.
+    - Dark background (the median pixel's brightest channel below :data:`DARK_BACKGROUND`
+      and under :data:`GLASS_FRACTION` of bright colourless pixels: fluorescence, dark
+      field, grey or colour): brightness above the background, i.e. the brightest channel
+      minus its 5th percentile; floor :data:`MIN_CONTRAST`. (Saturation is noise there: a
+      pixel of (2, 0, 1) is fully saturated.) A brightfield slide whose unscanned area is
+      filled black has its glass, so it stays brightfield.
+    - Bright background, colour (at least :data:`MIN_OBJECT_FRACTION` of the pixels, and 4,
+      with max - min channel > 2 :data:`GRAY_CHROMA`: H&E, IHC, however little tissue there
+      is): HSV saturation; floor :data:`MIN_SATURATION`.
+    - Bright background, grey (no such pixels, so no saturation): darkness below the
+      background, i.e. the 95th percentile minus the pixel, and 0 on pure black (a fill,
+      never tissue); floor :data:`MIN_CONTRAST`.
     """
     rgb = np.asarray(thumb_rgb, np.uint8)
     mx, chroma = _max_chroma(rgb)
-    if mx.size == 0:
+    n = mx.size
+    if n == 0:
         return mx, MIN_SATURATION
-    if _percentile_u8(mx, 50) < DARK_BACKGROUND:
+    glass = np.count_nonzero((mx >= 180) & (chroma <= GRAY_CHROMA))
+    if _percentile_u8(mx, 50) < DARK_BACKGROUND and glass < GLASS_FRACTION * n:
         score = np.clip(mx.astype(np.int16) - _percentile_u8(mx, 5), 0, 255)
         return score.astype(np.uint8), MIN_CONTRAST
-    if _percentile_u8(chroma, 99) > GRAY_CHROMA:
+    if np.count_nonzero(chroma > 2 * GRAY_CHROMA) >= max(4, MIN_OBJECT_FRACTION * n):
         return _saturation_of(mx, chroma), MIN_SATURATION
     score = np.clip(_percentile_u8(mx, 95) - mx.astype(np.int16), 0, 255)
+    score[mx == 0] = 0
     return score.astype(np.uint8), MIN_CONTRAST
 
 
