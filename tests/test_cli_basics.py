@@ -86,3 +86,26 @@ def test_empty_slide_table_is_named(cli, tmp_path, text, says):
     r = cli("tile", "--slides", "e.csv", cwd=tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert f"slide table e.csv {says}" in r.stderr and "no slides given" not in r.stderr, r.stderr
+
+
+def test_quiet_from_a_config_counts_once_under_run(cli, tmp_path):
+    """A config's quiet: 1 means -q for the stage alone and under 'wsi-mil run' (which
+    forwards its counts to each stage, which reads the same config again)."""
+    (tmp_path / "s.csv").write_text("slide_id,path\na,a.tiff\n")
+    warning = "WARNING: encoder resnet-patch-cnn has no --weights"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("slides: s.csv\ndevice: cpu\nquiet: 1\n")
+    alone = cli("extract", "--config", "c.yaml", cwd=tmp_path)
+    under_run = cli("run", "--config", "c.yaml", "--stages", "extract", cwd=tmp_path)
+    for r in (alone, under_run):
+        assert r.returncode == 1, r.stderr
+        assert warning in r.stderr and "INFO" not in r.stderr, r.stderr
+    # a command-line -q plus the config's quiet: 1 is still one -q; -qq is quieter
+    r = cli("-q", "run", "--config", "c.yaml", "--stages", "extract", cwd=tmp_path)
+    assert warning in r.stderr, r.stderr
+    r = cli("-qq", "run", "--config", "c.yaml", "--stages", "extract", cwd=tmp_path)
+    assert warning not in r.stderr and "ERROR" in r.stderr, r.stderr
+    # quiet in the run: section reaches the stages too
+    cfg.write_text("slides: s.csv\ndevice: cpu\nrun:\n  quiet: 2\n")
+    r = cli("run", "--config", "c.yaml", "--stages", "extract", cwd=tmp_path)
+    assert r.returncode == 1 and warning not in r.stderr and "ERROR" in r.stderr, r.stderr

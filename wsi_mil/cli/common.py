@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from wsi_mil.config import load_config_file
 
@@ -264,15 +265,23 @@ _DEBUG_REQUESTED: list[bool] = []
 
 
 def _global_option_callback(ctx: click.Context, param: click.Parameter, value: Any) -> None:
-    """-v/-q/--debug given after the subcommand (or in its config): add them to the root's."""
+    """-v/-q/--debug given after the subcommand (or in its config): merge them into the root's.
+
+    Counts typed after the subcommand add to those before it (``-q tile -q`` = ``-qq``); a
+    count from a config file sets a floor instead of adding. ``wsi-mil run`` forwards its
+    counts to each stage, which reads the same config again: adding would count a config's
+    ``quiet: 1`` twice (and a command-line ``-q`` plus the config's ``quiet: 1`` is one
+    ``-q``, as a flag wins over the config)."""
     if not value:
         return
     obj = ctx.find_root().ensure_object(dict)
     if param.name == "debug":
         obj["debug"] = True
         _DEBUG_REQUESTED.append(True)
-    else:
+    elif ctx.get_parameter_source(param.name) is ParameterSource.COMMANDLINE:
         obj[param.name] = int(obj.get(param.name) or 0) + int(value)
+    else:
+        obj[param.name] = max(int(obj.get(param.name) or 0), int(value))
     setup_logging(int(obj.get("verbose") or 0), int(obj.get("quiet") or 0))
 
 
