@@ -130,6 +130,34 @@ def test_bad_weights_give_clear_errors(tmp_path):
         create_encoder(weights=junk)
 
 
+def test_foreign_weights_files_are_named(tmp_path):
+    """safetensors (HF/timm/UNI weights) and non-torch zips (.npz) say what they are."""
+    import json
+    import struct
+
+    import numpy as np
+
+    header = json.dumps({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
+    st = tmp_path / "model.safetensors"
+    st.write_bytes(struct.pack("<Q", len(header)) + header + b"\0\0\0\0")
+    with pytest.raises(ConfigError, match=r"safetensors file.*load_file.*torch\.save") as e:
+        create_encoder(weights=st)
+    assert "text file" not in str(e.value)
+
+    npz = tmp_path / "w.npz"
+    np.savez(npz, w=np.zeros(2))
+    with pytest.raises(ConfigError, match=r"zip archive that is not torch\.save.*w\.npy") as e:
+        create_encoder(weights=npz)
+    assert "damaged" not in str(e.value)
+
+    good = tmp_path / "sd.pt"  # a real torch.save archive, cut short
+    torch.save(create_encoder(feature_dim=16).state_dict(), good)
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(good.read_bytes()[:2000])
+    with pytest.raises(ConfigError, match="damaged or truncated"):
+        create_encoder(weights=cut)
+
+
 def test_unknown_encoder_and_registry():
     with pytest.raises(ConfigError, match="unknown encoder"):
         create_encoder("nope")
@@ -150,7 +178,7 @@ def test_unknown_encoder_and_registry():
     reason="timm installed: the error path cannot occur",
 )
 def test_timm_without_extra_names_the_install_command():
-    with pytest.raises(ConfigError, match=r"pip install 'wsi-mil\[timm\]'"):
+    with pytest.raises(ConfigError, match=r"pip install -e '\.\[timm\]'"):
         create_encoder("timm:resnet18")
 
 

@@ -200,7 +200,8 @@ def load_weights_file(
 def torch_load_problem(path: str | os.PathLike, err: BaseException) -> str | None:
     """Why ``torch.load`` failed on ``path``, in words: None when the file is a real
     ``torch.save`` file that only holds objects ``weights_only=True`` refuses, else a short
-    reason it is no PyTorch file at all (empty, text, truncated archive, other bytes)."""
+    reason it is no PyTorch file at all (empty, safetensors, other zip, truncated archive,
+    text, other bytes)."""
     try:
         with open(path, "rb") as fh:
             head = fh.read(512)
@@ -208,10 +209,14 @@ def torch_load_problem(path: str | os.PathLike, err: BaseException) -> str | Non
         return f"cannot be read: {e.strerror or e}"
     if not head:
         return "the file is empty"
-    if head.startswith(b"PK"):  # torch.save's zip archive
-        if isinstance(err, RuntimeError):
-            return "a damaged or truncated torch.save archive"
-        return None
+    if _is_safetensors(path, head):
+        return (
+            "it is a safetensors file, not torch.save output; convert it once with: python -c "
+            '"import torch; from safetensors.torch import load_file; '
+            f"torch.save(load_file('{path}'), 'weights.pt')\" and pass weights.pt"
+        )
+    if head.startswith(b"PK"):  # torch.save writes a zip archive holding <name>/data.pkl
+        return _zip_problem(path, err)
     if head[:1] == b"\x80":  # a legacy (pickle) torch.save file
         return (
             None if "Weights only load failed" in str(err) else "not readable as torch.save output"
@@ -221,6 +226,33 @@ def torch_load_problem(path: str | os.PathLike, err: BaseException) -> str | Non
         return "it is a text file, not torch.save output"
     except UnicodeDecodeError:
         return "its bytes are not torch.save output"
+
+
+def _is_safetensors(path: str | os.PathLike, head: bytes) -> bool:
+    """safetensors layout: 8-byte little-endian header length, then a JSON header ``{"...``."""
+    if len(head) < 10 or not head[8:].lstrip(b" ").startswith(b'{"'):
+        return False
+    n = int.from_bytes(head[:8], "little")
+    try:
+        return 0 < n <= os.path.getsize(path) - 8
+    except OSError:
+        return False
+
+
+def _zip_problem(path: str | os.PathLike, err: BaseException) -> str | None:
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return "a damaged or truncated zip archive (torch.save writes zip archives)"
+    if not any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "") or "nothing"
+        return f"it is a zip archive that is not torch.save output (no data.pkl; it holds {shown})"
+    if isinstance(err, RuntimeError):
+        return "a damaged or truncated torch.save archive"
+    return None
 
 
 def _strip_prefix(sd: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
