@@ -249,3 +249,33 @@ def test_run_defaults_to_runs_default_like_train_and_predict(cli, run_with_slide
     assert (tmp_path / "here" / "runs" / "default" / "heatmaps" / "neg.png").is_file()
     r = cli("-q", "heatmap", cwd=tmp_path)  # no run there: one clear line, exit 2
     assert r.returncode == 2 and "runs/default" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize(
+    "coords_wh, recorded, warns",
+    [
+        ((W - PS, H - 2 * PS), (W - 2 * PS, H - 2 * PS), False),  # CLAM-like: patch extent only
+        ((W - 2 * PS, H - PS), (0, 0), False),  # no size recorded: inferred from the patches
+        ((W, H), (2 * W, H), True),  # recorded size larger than the slide
+        ((2 * W, H), (W, H), True),  # patches start outside the slide
+    ],
+)
+def test_slide_size_check_warns_only_on_a_real_mismatch(
+    cli, run_with_slides, coords_wh, recorded, warns
+):
+    run = run_with_slides
+    (run / "attention" / "neg.h5").unlink()
+    coords = grid_coords(*coords_wh, PS)
+    write_attention_file(
+        run / "attention" / "pos.h5",
+        coords,
+        np.full(len(coords), 1.0 / len(coords)),
+        slide_path=run.parent / "slides" / "pos.tiff",
+        patch_size_level0=PS,
+        level0_size=recorded,
+        label=1,
+    )
+    r = cli("heatmap", "--run", str(run), "--thumbnail-px", "128", "--top-k", "0")
+    assert r.returncode == 0, r.stderr
+    assert ("is it the same slide?" in r.stderr) == warns, r.stderr
+    assert (run / "heatmaps" / "pos.png").is_file()

@@ -288,6 +288,23 @@ def render_slide(
     return written
 
 
+def _size_mismatch(am: AttentionMap, level0: tuple[int, ...]) -> str | None:
+    """What in the attention file does not fit a slide of ``level0`` (width, height), or None.
+
+    A recorded size smaller than the slide is no mismatch: stores without the slide size
+    (CLAM's h5_files) leave predict only the extent of the patches to record. Patches may
+    run past the slide's right and bottom edges (edge patches), but none starts outside it.
+    """
+    w, h = (int(v) for v in am.level0_size)
+    if w > level0[0] or h > level0[1]:
+        return f"says {w}x{h}"
+    if len(am.coords) and am.has_coords:
+        x, y = (int(v) for v in am.coords.max(axis=0))
+        if x >= level0[0] or y >= level0[1]:
+            return f"has patches at up to x={x}, y={y}"
+    return None
+
+
 def _draw(
     cfg: HeatmapConfig,
     am: AttentionMap,
@@ -300,10 +317,11 @@ def _draw(
     sid = am.path.stem
     if slide is not None:
         level0 = tuple(int(v) for v in slide.dimensions)
-        if am.level0_size[0] > 0 and tuple(am.level0_size) != level0:
+        mismatch = _size_mismatch(am, level0)
+        if mismatch:
             warnings.append(
-                f"slide is {level0[0]}x{level0[1]} px but the attention file says "
-                f"{am.level0_size[0]}x{am.level0_size[1]}: is it the same slide?"
+                f"slide is {level0[0]}x{level0[1]} px but the attention file {mismatch}: "
+                "is it the same slide?"
             )
         thumb = slide.thumbnail(cfg.thumbnail_px)
     else:
