@@ -279,3 +279,14 @@ def test_slide_size_check_warns_only_on_a_real_mismatch(
     assert r.returncode == 0, r.stderr
     assert ("is it the same slide?" in r.stderr) == warns, r.stderr
     assert (run / "heatmaps" / "pos.png").is_file()
+
+
+def test_localisation_summary_names_top_k_only_when_there_is_one(cli, run_with_slides):
+    run = run_with_slides
+    r = cli("heatmap", "--run", str(run), "--thumbnail-px", "128", "--top-k", "0")
+    out = r.stdout + r.stderr
+    assert r.returncode == 0 and "top-attended patch on a marker: 100.0%" in out, out
+    assert "top-1" not in out and "any of top" not in out, out
+    r = cli("heatmap", "--run", str(run), "--thumbnail-px", "128", "--top-k", "3")
+    out = r.stdout + r.stderr
+    assert r.returncode == 0 and "; any of top-3: 100.0%" in out, out

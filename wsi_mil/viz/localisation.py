@@ -127,11 +127,13 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         return "n/a" if v is None else f"{v:.3f}"
 
     n = report["n_positive_with_markers"]
+    hits = f"  top-attended patch on a marker: {pct(report['top1_hit_rate'])}"
+    if int(report["k"]) > 1:  # top-1 is the line itself (heatmap --top-k 0 reports k = 1)
+        hits += f"; any of top-{report['k']}: {pct(report['topk_hit_rate'])}"
     return [
         f"localisation over {n} positive slide(s) with markers "
         f"({report['n_slides']} slides, markers from {report.get('markers_csv')}):",
-        f"  top-attended patch on a marker: {pct(report['top1_hit_rate'])}; "
-        f"any of top-{report['k']}: {pct(report['topk_hit_rate'])}",
+        hits,
         f"  patch-level AUC (attention vs patch overlaps a marker): mean "
         f"{num(report['mean_patch_auc'])}, median {num(report['median_patch_auc'])} "
         f"over {report['n_patch_auc']} slide(s)",
