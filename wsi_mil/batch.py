@@ -172,6 +172,14 @@ def _remove(p: Path) -> None:
             p.unlink()
 
 
+def remove_stale_tmps(final: str | os.PathLike) -> None:
+    """Temp files or folders of ``final`` (``.NAME.tmp-*``) left by killed runs; call it only
+    while holding ``final``'s :func:`output_lock`, so no live writer owns them."""
+    final = Path(final)
+    for p in final.parent.glob(f".{final.name}.tmp-*"):
+        _remove(p)
+
+
 def clean_stale_tmp(folder: Path, max_age_s: float = 0) -> None:
     """Remove leftover ``.NAME.tmp-*`` entries (from killed runs) older than ``max_age_s``."""
     import time

@@ -237,7 +237,7 @@ class PredictConfig:
     device: str = "auto"
     attention: bool = True  # write R/attention/<slide_id>.h5 (also what reruns and shards reuse)
     overwrite: bool = False  # score every slide again even when its attention file is current
-    out: Path | None = None  # where predictions/metrics/attention go; None = the run folder
+    out_dir: Path | None = None  # where predictions/metrics/attention go; None = the run folder
 
 
 @dataclass

@@ -161,7 +161,7 @@ def test_attention_file_records_an_absolute_slide_path(trained, tmp_path, cli):
 
 
 def test_out_keeps_the_runs_own_evaluation(trained, tmp_path, cli):
-    """--out OUT: an external cohort's predictions go to OUT (heatmap --run OUT reads
+    """--out-dir OUT: an external cohort's predictions go to OUT (heatmap --run OUT reads
     them); the run folder's predictions.csv and attention files are left as they were."""
     run, feats, table = _fresh(trained, tmp_path)
     args = ("-q", "predict", "--slides", str(table), "--work", str(tmp_path / "w"), "--run", str(run),
@@ -176,7 +176,7 @@ def test_out_keeps_the_runs_own_evaluation(trained, tmp_path, cli):
         w.writeheader()
         w.writerows({**r, "label": ""} for r in rows)  # unlabelled
     out = tmp_path / "ext-preds"
-    r = cli(*args[:3], str(ext), *args[4:], "--out", str(out), env=ENV)
+    r = cli(*args[:3], str(ext), *args[4:], "--out-dir", str(out), env=ENV)
     assert r.returncode == 0, r.stderr
     assert len(pd.read_csv(out / "predictions.csv")) == 4
     assert len(list((out / "attention").glob("*.h5"))) == 4
@@ -184,3 +184,56 @@ def test_out_keeps_the_runs_own_evaluation(trained, tmp_path, cli):
     r = cli("-q", "heatmap", "--run", str(out), "--top-k", "0", env=ENV)
     assert r.returncode == 0, r.stderr
     assert len(list((out / "heatmaps").glob("*.png"))) == 4
+
+
+def test_a_shard_whose_slides_have_no_store_warns_like_an_unsharded_call(trained, tmp_path, cli):
+    """Whether a shard stops must not depend on how slide ids fall into shards."""
+    run, feats, table = _fresh(trained, tmp_path)
+    for sid in ("bag000", "bag006"):  # shard 0 of 6 holds exactly these two
+        (feats / f"{sid}.h5").unlink()
+    args = ("predict", "--slides", str(table), "--work", str(tmp_path / "w"), "--run", str(run),
+            "--features", str(feats), "--device", "cpu")  # fmt: skip
+    r = cli(*args, "--shard", "0/6", env=ENV)
+    assert r.returncode == 0, r.stderr
+    assert "2 of 2 slides have no feature store" in r.stderr
+    assert cli(*args, env=ENV).returncode == 0
+
+
+def test_failures_leave_no_stale_outputs(trained, tmp_path):
+    """A slide that fails loses its old attention file (heatmap draws every file); when all
+    fail, the tables of the earlier call go too instead of looking current."""
+    run, feats, table = _fresh(trained, tmp_path)
+    entries = read_slide_table(table)
+    predict_slides(_cfg(tmp_path, run, feats), entries, progress=False)
+    assert (run / "attention" / "bag002.h5").is_file()
+    with h5py.File(feats / "bag002.h5", "r+") as f:
+        f["features"][0, 0] = np.inf
+    out = predict_slides(_cfg(tmp_path, run, feats), entries, progress=False)
+    assert list(out.batch.failed) == ["bag002"]
+    assert not (run / "attention" / "bag002.h5").exists()
+    assert len(list((run / "attention").glob("*.h5"))) == 11
+    for p in feats.glob("*.h5"):
+        with h5py.File(p, "r+") as f:
+            f["features"][0, 0] = np.nan
+    out = predict_slides(_cfg(tmp_path, run, feats), entries, progress=False)
+    assert len(out.batch.failed) == 12 and out.metrics is None
+    assert not list((run / "attention").glob("*.h5"))
+    assert not (run / "predictions.csv").exists() and not (run / "metrics.json").exists()
+
+
+def test_rows_follow_the_slide_table_and_out_dir_is_command_line_only(trained, tmp_path, cli):
+    run, feats, table = _fresh(trained, tmp_path)
+    rows = list(csv.DictReader(open(table)))[::-1]  # not sorted by id
+    with open(table, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    predict_slides(_cfg(tmp_path, run, feats), read_slide_table(table), progress=False)
+    got = list(pd.read_csv(run / "predictions.csv").slide_id)
+    assert got == [r["slide_id"] for r in rows]
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"predict:\n  out-dir: {tmp_path / 'elsewhere'}\n")
+    r = cli("predict", "--config", str(cfg), "--slides", str(table), "--run", str(run),
+            "--features", str(feats), "--device", "cpu", env=ENV)  # fmt: skip
+    assert r.returncode == 2 and "out-dir" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "elsewhere").exists()

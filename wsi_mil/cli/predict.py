@@ -28,7 +28,7 @@ from wsi_mil.cli.common import (
                              specificity per split and overall, with the threshold
     R/attention/<id>.h5      coords (N,2) level-0 xy + attention (N,) per slide
     R/plots/roc.png          ROC curves
-                             (all four under --out OUT instead of R when given)
+                             (all four under --out-dir DIR instead of R when given)
     \b
     The split of a slide is the one it had in training (R/splits.csv), else the
     slide table's. Slides without a feature store are skipped with a warning.
@@ -88,12 +88,13 @@ from wsi_mil.cli.common import (
     "--overwrite", is_flag=True, help="Score every slide again even when its output is current."
 )
 @click.option(
-    "--out",
+    "--out-dir",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
     help="Write predictions.csv, metrics.json, plots/ and attention/ here instead of into the "
     "run folder (e.g. an external cohort, without replacing the run's own evaluation); "
-    "'wsi-mil heatmap --run OUT' draws them.",
+    "'wsi-mil heatmap --run OUT_DIR' draws them. Command line only: 'wsi-mil run' and the "
+    "Snakefile keep everything in the run folder.",
 )
 @shard_option
 def command(
@@ -104,6 +105,15 @@ def command(
     from wsi_mil.slides.table import read_slide_table
     from wsi_mil.train.predict import predict_slides
 
+    from click.core import ParameterSource
+
+    from wsi_mil.errors import ConfigError
+
+    if click.get_current_context().get_parameter_source("out_dir") == ParameterSource.DEFAULT_MAP:
+        raise ConfigError(
+            "out-dir in a config file: wsi-mil run, heatmap and the Snakefile would not follow it",
+            "pass --out-dir on the command line for one-off scoring, or set run: instead",
+        )
     kw["work"] = Path(kw["work"])
     cfg = PredictConfig(**kw)
     entries = read_slide_table(slides_csv, slide_paths)
@@ -111,6 +121,6 @@ def command(
         cfg, entries, parse_shard(shard), progress=progress_enabled(), debug=debug_enabled()
     )
     if out.metrics is not None:
-        d = cfg.out or cfg.run
+        d = cfg.out_dir or cfg.run
         click.echo(f"predictions: {d / 'predictions.csv'}, metrics: {d / 'metrics.json'}", err=True)
     finish_batch(out.batch)

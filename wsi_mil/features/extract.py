@@ -36,6 +36,7 @@ from wsi_mil.batch import (
     available_cpus,
     output_lock,
     params_digest,
+    remove_stale_tmps,
     run_per_slide,
     shard_items,
 )
@@ -463,13 +464,6 @@ def inspect_existing(final: Path, info: EncoderInfo, digest: str, n: int, dtype:
     return "current"
 
 
-def _remove_stale_tmps(final: Path) -> None:
-    """Temp files of this output left by killed runs (safe: we hold the output's lock)."""
-    for p in final.parent.glob(f".{final.name}.tmp-*"):
-        with contextlib.suppress(OSError):
-            p.unlink()
-
-
 def write_encoder_json(out_dir: Path, info: EncoderInfo, cfg: ExtractConfig) -> None:
     """``<out_dir>/encoder.json`` (metadata + resolved config) and ``config.yaml``.
 
@@ -581,7 +575,7 @@ def _extract_one(
             and inspect_existing(final, info, digest, len(store), cfg.dtype) == "current"
         ):
             raise Skip(sid)
-        _remove_stale_tmps(final)
+        remove_stale_tmps(final)
         slide_path = entry.path or store.slide_path
         opener = None
         if not store.has_pixels and len(store):

@@ -32,6 +32,7 @@ from wsi_mil.batch import (
     output_lock,
     params_digest,
     pool_workers,
+    remove_stale_tmps,
     run_per_slide,
     shard_items,
 )
@@ -224,7 +225,7 @@ def tile_slide(
             if cfg.clam_h5 and not clam_h5_path(cfg.work, sid).exists():
                 write_clam_h5(PatchStore.open(final), clam_h5_path(cfg.work, sid), sid)
             raise Skip(sid)
-        _remove_stale_tmps(final)
+        remove_stale_tmps(final)
         with open_slide(path, backend=cfg.backend, mpp=cfg.slide_mpp) as slide:
             n = _build_store(cfg, sid, path, slide, final, fingerprint, digest, pool, progress)
         if cfg.clam_h5:
@@ -481,11 +482,3 @@ def write_clam_h5(store: PatchStore, path: Path, slide_id: str) -> None:
         d.attrs["patch_size_level0"] = int(round(float(a["patch_size_level0"])))
         d.attrs["name"] = slide_id
         d.attrs["save_path"] = str(path.parent)
-
-
-def _remove_stale_tmps(final: Path) -> None:
-    """Temp stores of ``final`` left by killed runs (safe: we hold ``final``'s lock)."""
-    import shutil
-
-    for p in final.parent.glob(f".{final.name}.tmp-*"):
-        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)

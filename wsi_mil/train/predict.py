@@ -30,6 +30,8 @@ from wsi_mil.batch import (
     Skip,
     atomic_path,
     file_fingerprint,
+    output_lock,
+    remove_stale_tmps,
     run_per_slide,
     shard_items,
 )
@@ -193,7 +195,7 @@ def predict_slides(
 ) -> PredictOutcome:
     """Score this shard's slides, one ``attention/<id>.h5`` each, then (unsharded) collect
     ``predictions.csv``, ``metrics.json`` and ``plots/roc.png`` over all of them; all in
-    ``cfg.out`` (default: the run folder ``R``).
+    ``cfg.out_dir`` (default: the run folder ``R``).
 
     A slide whose attention file is complete and was made from the same checkpoint, feature
     (or patch) store, label and split is not scored again: its probability is read back.
@@ -202,7 +204,7 @@ def predict_slides(
     """
     run = Path(cfg.run)
     run_cfg = read_run_config(run)
-    out_dir = Path(cfg.out) if cfg.out else run
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else run
     if not 0.0 <= cfg.threshold <= 1.0:
         raise ConfigError(f"--threshold {cfg.threshold} is outside [0, 1]")
     if shard[1] > 1 and not cfg.attention:
@@ -212,6 +214,8 @@ def predict_slides(
             "drop --no-attention",
         )
     ck_path = checkpoint_path(run, cfg.checkpoint)
+    # fingerprinted before it is read: a checkpoint replaced meanwhile is not taken for this one
+    model_id = {"checkpoint": str(ck_path.resolve()), **(file_fingerprint(ck_path) or {})}
     ck = load_checkpoint_file(ck_path)
     device = _device(cfg.device)
     model = model_from_checkpoint(ck).to(device).eval()
@@ -226,7 +230,6 @@ def predict_slides(
                 f"no slide has split {cfg.split!r}", "check --split (train, val or test)"
             )
     mine = shard_items(list(entries), shard, key=lambda e: e.slide_id)
-    model_id = {"checkpoint": str(ck_path.resolve()), **(file_fingerprint(ck_path) or {})}
 
     e2e = run_cfg.get("mode", "cached") == "e2e"
     stores: dict[str, Path] = {}
@@ -244,17 +247,19 @@ def predict_slides(
             )
         if not Path(fdir).is_dir():
             raise ConfigError(f"feature folder {fdir} does not exist", "pass --features DIR")
-        found, missing = find_stores(mine, Path(fdir))
-        _warn_missing(missing, len(mine), Path(fdir))
-        if mine and not found:
+        # decided over all slides, not this shard's: whether a shard stops must not depend
+        # on how the slide ids fall into shards
+        found, missing = find_stores(entries, Path(fdir))
+        if entries and not found:
             raise DataError(
-                f"none of the {len(mine)} slides has a feature store in {fdir}",
+                f"none of the {len(entries)} slides has a feature store in {fdir}",
                 "pass the right --features DIR",
             )
-        mine = [e for e, _ in found]
-        stores = {e.slide_id: p for e, p in found}
-        if found:  # a wrong folder (other encoder, no coords) is one error, not N failures
-            _check_folder_fits(model, found[0][1])
+        _check_folder_fits(model, found[0][1])  # a wrong folder: one error, not N failures
+        ours = {e.slide_id for e in mine}
+        _warn_missing([m for m in missing if m in ours], len(mine), Path(fdir))
+        stores = {e.slide_id: p for e, p in found if e.slide_id in ours}
+        mine = [e for e in mine if e.slide_id in stores]
 
     def inputs_of(entry: SlideEntry) -> dict[str, Any]:
         store = stores[entry.slide_id]
@@ -270,14 +275,28 @@ def predict_slides(
     probs: dict[str, float] = {}
 
     def one(entry: SlideEntry) -> None:
+        out = out_dir / "attention" / f"{entry.slide_id}.h5"
+        if not cfg.attention:
+            score(entry, out)
+            return
+        with output_lock(out) as held:
+            if not held:
+                log.info("%s: another process is writing %s", entry.slide_id, out)
+                raise Skip(entry.slide_id)
+            score(entry, out)
+
+    def score(entry: SlideEntry, out: Path) -> None:
         sid = entry.slide_id
-        out = out_dir / "attention" / f"{sid}.h5"
         inputs = inputs_of(entry)
-        if cfg.attention and not cfg.overwrite:
-            prob = _current_prob(out, inputs)
-            if prob is not None:
-                probs[sid] = prob
-                raise Skip(sid)
+        if cfg.attention:
+            if not cfg.overwrite:
+                prob = _current_prob(out, inputs)
+                if prob is not None:
+                    probs[sid] = prob
+                    raise Skip(sid)
+            # an outdated file must not outlive a failure below (heatmap draws every file)
+            out.unlink(missing_ok=True)
+            remove_stale_tmps(out)
         if e2e:
             if not encoder:
                 encoder.append(E2EEncoder(run, device, checkpoint=str(ck_path)))
@@ -316,10 +335,12 @@ def predict_slides(
             "prob": probs[e.slide_id],
             "split": split_of[e.slide_id],
         }
-        for e in mine
+        for e in entries  # the slide table's order
         if e.slide_id in probs
     ]
-    if not rows:
+    if not rows:  # tables of an earlier call would look current
+        for name in ("predictions.csv", "metrics.json"):
+            (out_dir / name).unlink(missing_ok=True)
         return PredictOutcome(batch, None)
     with atomic_path(out_dir / "predictions.csv") as tmp, open(tmp, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=PRED_COLUMNS)
@@ -379,14 +400,23 @@ def _check_bag_fits(model: PositionalAttentionMIL, bag: Bag) -> None:
 
 
 def _check_folder_fits(model: PositionalAttentionMIL, store: Path) -> None:
-    """The check above on one store of a feature folder, before the batch: a folder of
-    another encoder is one usage error, not a failure per slide. A store that cannot be
-    read is left to its slide's own (recorded) failure."""
-    try:
-        fb = open_features(store)
-    except Exception:  # noqa: BLE001 - reported per slide by the batch
+    """The check above on one HDF5 store of a feature folder, before the batch, from its
+    metadata only (a store can be GBs): a folder of another encoder is one usage error, not
+    a failure per slide. Anything else (``.pt``, other layouts, unreadable files) is left
+    to each slide's own check."""
+    if store.suffix != ".h5":
         return
-    _check_fits(model, fb.dim, fb.coords is not None, f"{store}: slide {store.stem}")
+    try:
+        with h5py.File(store, "r") as f:
+            feats = f.get("features")
+            if not isinstance(feats, h5py.Dataset) or feats.ndim not in (2, 3):
+                return
+            dim, has_coords = int(feats.shape[-1]), isinstance(f.get("coords"), h5py.Dataset)
+    except OSError:
+        return
+    if has_coords or not model.use_pos:
+        _check_fits(model, dim, True, f"{store}: slide {store.stem}")
+    # no coords here may still mean coords next door (CLAM pt_files + h5): not decided here
 
 
 def _current_prob(path: Path, inputs: dict[str, Any]) -> float | None:
