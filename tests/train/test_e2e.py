@@ -357,6 +357,11 @@ def test_killed_e2e_run_resumes_exactly(work, tmp_path: Path) -> None:
     rows = (run / "predictions.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + len(entries)
     assert (run / "attention" / "s1.h5").is_file()
+    # again: every slide current (same checkpoint and patch store): nothing encoded again
+    again = subprocess.run(pred.args, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert f"0 done, {len(entries)} up to date" in again.stderr
+    assert (run / "predictions.csv").read_text().strip().splitlines() == rows
 
 
 @pytest.mark.gpu
