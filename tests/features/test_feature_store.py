@@ -16,30 +16,10 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from features.tool_layouts import clam_save_hdf5
 
 from wsi_mil.errors import StoreError
 from wsi_mil.features import FeatureStoreWriter, find_feature_file, open_features, write_features
-
-
-def _clam_save_hdf5(path, assets: dict, attrs: dict | None = None, mode: str = "a") -> None:
-    """CLAM's save_hdf5: chunks (1, ...) and an unlimited first axis, appended batch by batch."""
-    with h5py.File(path, mode) as f:
-        for key, val in assets.items():
-            if key not in f:
-                d = f.create_dataset(
-                    key,
-                    shape=val.shape,
-                    maxshape=(None,) + val.shape[1:],
-                    chunks=(1,) + val.shape[1:],
-                    dtype=val.dtype,
-                )
-                d[:] = val
-                for k, v in (attrs or {}).get(key, {}).items():
-                    d.attrs[k] = v
-            else:
-                d = f[key]
-                d.resize(len(d) + val.shape[0], axis=0)
-                d[-val.shape[0] :] = val
 
 
 def _data(n=10, d=24, seed=0):
@@ -101,7 +81,7 @@ def test_clam_h5_files_layout(tmp_path):
     p = h5_dir / "slideA.h5"
     mode = "w"
     for s in range(0, 9, 4):  # appended per batch, coords int32 as compute_w_loader writes them
-        _clam_save_hdf5(
+        clam_save_hdf5(
             p,
             {"features": feats[s : s + 4], "coords": coords[s : s + 4].astype(np.int32)},
             mode=mode,
@@ -137,12 +117,12 @@ def test_clam_pt_files_with_coords_from_h5_files_or_patches(tmp_path):
             "save_path": str(patches),
         }
     }
-    _clam_save_hdf5(patches / "s1.h5", {"coords": coords}, attrs, mode="w")
+    clam_save_hdf5(patches / "s1.h5", {"coords": coords}, attrs, mode="w")
     bag = open_features(pt, coords_path=patches / "s1.h5")
     assert np.array_equal(bag.coords, coords) and bag.attrs["patch_size_level0"] == 512
     # the h5_files twin next to pt_files is found automatically
     (root / "h5_files").mkdir()
-    _clam_save_hdf5(
+    clam_save_hdf5(
         root / "h5_files" / "s1.h5",
         {"features": feats, "coords": coords.astype(np.int32)},
         mode="w",
@@ -162,7 +142,7 @@ def test_clam_coords_of_another_slide_are_refused(tmp_path):
     pt = tmp_path / "pt_files" / "s.pt"
     pt.parent.mkdir()
     torch.save(torch.from_numpy(feats), pt)
-    _clam_save_hdf5(tmp_path / "other.h5", {"coords": coords[:5]}, mode="w")
+    clam_save_hdf5(tmp_path / "other.h5", {"coords": coords[:5]}, mode="w")
     with pytest.raises(StoreError, match="7 features but 5 coords"):
         open_features(pt, coords_path=tmp_path / "other.h5")
 

@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from features.tool_layouts import clam_save_hdf5
 from PIL import Image
 
 ENV = {"OMP_NUM_THREADS": "1", "HDF5_USE_FILE_LOCKING": "FALSE"}
@@ -70,27 +71,6 @@ def _one_error(r: subprocess.CompletedProcess, *needles: str) -> str:
 
 
 # ------------------------------------------------------------------ writers (as the tools do)
-def clam_save_hdf5(path: Path, assets: dict, attr_dict: dict | None = None, mode: str = "a"):
-    """CLAM's save_hdf5: chunks (1, ...), unlimited first axis, appended on later calls."""
-    with h5py.File(path, mode) as f:
-        for key, val in assets.items():
-            if key not in f:
-                d = f.create_dataset(
-                    key,
-                    shape=val.shape,
-                    maxshape=(None,) + val.shape[1:],
-                    chunks=(1,) + val.shape[1:],
-                    dtype=val.dtype,
-                )
-                d[:] = val
-                for k, v in ((attr_dict or {}).get(key) or {}).items():
-                    d.attrs[k] = v
-            else:
-                d = f[key]
-                d.resize(len(d) + val.shape[0], axis=0)
-                d[-val.shape[0] :] = val
-
-
 def read_ours(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
     with h5py.File(path, "r") as f:
         return f["features"][:], f["coords"][:], dict(f.attrs)

@@ -20,14 +20,7 @@ from wsi_mil.train import train
 from wsi_mil.train.loop import Trainer
 from wsi_mil.train.predict import predict
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny bags: thread start-up costs more than it saves (and the test machine is shared)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _setup(tmp_path, n_bags=24, dim=8, n_min=20, n_max=40, splits=None, **kw):

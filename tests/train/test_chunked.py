@@ -18,13 +18,7 @@ from wsi_mil.train.chunked import (
 N, P, D = 10, 32, 8
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """This 2-core machine is shared: 2 intra-op threads under contention run 10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class TinyHead(nn.Module):

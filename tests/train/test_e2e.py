@@ -29,13 +29,7 @@ P = 32  # patch px
 GRID = 4  # patches per side -> 16 patches per slide
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """This 2-core machine is shared: 2 intra-op threads under contention run 10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_store(path: Path, label: int, rng: np.random.Generator, chunk_patches: int = 5) -> None:

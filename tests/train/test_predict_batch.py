@@ -10,7 +10,6 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from bag_factory import make_bags, write_bags, write_table
 
 from wsi_mil.config import PredictConfig, TrainConfig
@@ -21,12 +20,7 @@ from wsi_mil.train.predict import predict_slides
 ENV = {"OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
