@@ -271,3 +271,18 @@ def test_predict_checks_dims_against_the_model(tmp_path):
             entries,
             progress=False,
         )
+
+
+def test_store_with_no_patches_is_skipped_with_a_warning(tmp_path, caplog):
+    _, entries = _setup(tmp_path, n_bags=8)
+    with h5py.File(tmp_path / "feats" / "blank.h5", "w") as f:
+        f["features"] = np.zeros((0, 8), np.float32)
+        f["coords"] = np.zeros((0, 2), np.int64)
+    from wsi_mil.slides.table import SlideEntry
+
+    with caplog.at_level(logging.WARNING):
+        run = train(
+            _cfg(tmp_path, epochs=1), [*entries, SlideEntry("blank", None, 1, None)], progress=False
+        )
+    assert "1 slides have 0 patches" in caplog.text and "blank" in caplog.text
+    assert "blank" not in (run / "splits.csv").read_text()

@@ -387,3 +387,27 @@ def test_train_e2e_on_cuda_and_its_encoder_on_cpu(work, tmp_path: Path) -> None:
         err_cuda = np.linalg.norm(a.features - ref.features) / scale
         err_bf16 = np.linalg.norm(b.features - ref.features) / scale
         assert err_cuda < max(2 * err_bf16, 1e-2), (entry.slide_id, err_cuda, err_bf16)
+
+
+def test_slide_without_patches_is_left_out_with_a_warning(work, tmp_path: Path, caplog) -> None:
+    """A slide where tile found no tissue has an empty store: training leaves it out (the
+    tile stage already warned) instead of stopping the run."""
+    import logging
+
+    w, entries = work
+    patches = tmp_path / "w" / "patches"
+    patches.mkdir(parents=True)
+    for e in entries:
+        (patches / f"{e.slide_id}.zarr").symlink_to(w / "patches" / f"{e.slide_id}.zarr")
+    attrs = {"level": 0, "downsample": 1.0, "patch_size": P, "level0_width": 64,
+             "level0_height": 64, "slide_path": ""}  # fmt: skip
+    with PatchStoreWriter(patches / "blank.zarr", np.zeros((0, 2), np.int64), attrs) as wr:
+        wr.commit()
+    with_blank = [*entries, SlideEntry("blank", None, 1, "train")]
+    with caplog.at_level(logging.WARNING):
+        run = train_e2e(
+            make_cfg(tmp_path / "w", tmp_path / "run", epochs=1), with_blank, progress=False
+        )
+    assert "1 slides have no patches" in caplog.text and "blank" in caplog.text
+    assert "blank" not in (run / "splits.csv").read_text()
+    assert (run / "checkpoints" / "last.pt").is_file()

@@ -231,3 +231,17 @@ def test_rows_follow_the_slide_table_and_out_dir_is_command_line_only(trained, t
             "--features", str(feats), "--device", "cpu", env=ENV)  # fmt: skip
     assert r.returncode == 2 and "out-dir" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "elsewhere").exists()
+
+
+def test_a_slide_without_patches_is_a_warning_not_a_failure(trained, tmp_path):
+    run, feats, table = _fresh(trained, tmp_path)
+    with h5py.File(feats / "blank.h5", "w") as f:
+        f["features"] = np.zeros((0, 8), np.float32)
+        f["coords"] = np.zeros((0, 2), np.int64)
+    from wsi_mil.slides.table import SlideEntry
+
+    entries = [*read_slide_table(table), SlideEntry("blank", None, 1, None)]
+    out = predict_slides(_cfg(tmp_path, run, feats), entries, progress=False)
+    assert out.batch.exit_code == 0 and "no tissue" in out.batch.warnings["blank"]
+    assert "blank" not in set(pd.read_csv(run / "predictions.csv").slide_id)
+    assert not (run / "attention" / "blank.h5").exists()

@@ -100,14 +100,13 @@ from wsi_mil.cli.common import (
 def command(
     slides_csv: str | None, slide_paths: tuple[str, ...], shard: str | None, **kw: Any
 ) -> None:
-    from wsi_mil.batch import parse_shard
-    from wsi_mil.config import PredictConfig
-    from wsi_mil.slides.table import read_slide_table
-    from wsi_mil.train.predict import predict_slides
-
     from click.core import ParameterSource
 
+    from wsi_mil.batch import parse_shard
+    from wsi_mil.config import PredictConfig
     from wsi_mil.errors import ConfigError
+    from wsi_mil.slides.table import read_slide_table
+    from wsi_mil.train.predict import predict_slides
 
     if click.get_current_context().get_parameter_source("out_dir") == ParameterSource.DEFAULT_MAP:
         raise ConfigError(

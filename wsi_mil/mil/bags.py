@@ -142,9 +142,10 @@ def load_bags(
 ) -> list[Bag]:
     """Read every entry's feature store into memory, in ``entries`` order.
 
-    Slides with no store are skipped with one warning listing them (:class:`DataError` if
-    none is left). Errors: a label that is not 0/1 (or missing with ``require_labels``),
-    NaN/inf features, 0 patches, or feature widths that differ between stores.
+    Slides with no store, or a store of 0 patches (no tissue found), are skipped with one
+    warning listing them (:class:`DataError` if none is left). Errors: a label that is not
+    0/1 (or missing with ``require_labels``), NaN/inf features, or feature widths that
+    differ between stores.
     """
     from tqdm.auto import tqdm
 
@@ -165,8 +166,24 @@ def load_bags(
             "run 'wsi-mil extract' for them, or pass the right --features DIR",
         )
     bags: list[Bag] = []
+    empty: list[str] = []
     for e, p in tqdm(found, desc="load bags", unit="slide", disable=not progress, leave=False):
-        bags.append(bag_from_feature_bag(e, open_features(p)))
+        fb = open_features(p)
+        if len(fb) == 0:
+            empty.append(e.slide_id)
+            continue
+        bags.append(bag_from_feature_bag(e, fb))
+    if empty:
+        log.warning(
+            "%d slides have 0 patches (no tissue found) and are skipped: %s",
+            len(empty),
+            _list_ids(empty),
+        )
+    if not bags:
+        raise DataError(
+            f"none of the {len(found)} feature stores in {features_dir} has patches",
+            "re-tile with a lower --min-tissue, or --tissue none for all-foreground images",
+        )
     check_dims(bags)
     return bags
 

@@ -92,8 +92,13 @@ def patches_dir(work: str | os.PathLike, patches: str | os.PathLike | None = Non
     return Path(patches) if patches else Path(work) / "patches"
 
 
-def open_patch_bags(entries: Sequence[SlideEntry], folder: Path) -> list[PatchBag]:
-    """Open every entry's patch store; one :class:`StoreError` listing all that are missing."""
+def open_patch_bags(
+    entries: Sequence[SlideEntry], folder: Path, skip_empty: bool = False
+) -> list[PatchBag]:
+    """Open every entry's patch store; one :class:`StoreError` listing all that are missing.
+
+    A store with 0 patches (a slide without tissue) is a :class:`DataError`, or with
+    ``skip_empty`` (training) left out with one warning listing such slides."""
     missing = [e.slide_id for e in entries if not (folder / f"{e.slide_id}.zarr").exists()]
     if missing:
         shown = ", ".join(missing[:5]) + (
@@ -103,15 +108,28 @@ def open_patch_bags(entries: Sequence[SlideEntry], folder: Path) -> list[PatchBa
             f"no patch store in {folder} for {len(missing)} slide(s): {shown}",
             "run 'wsi-mil tile' for them first (end-to-end training reads pixels from W/patches)",
         )
-    bags = []
+    bags, empty = [], []
     for e in entries:
         store = PatchStore.open(folder / f"{e.slide_id}.zarr")
         if len(store) == 0:
-            raise DataError(
-                f"{store.path}: patch store has 0 patches",
-                f"drop slide {e.slide_id} or re-tile with a lower --min-tissue",
-            )
+            if not skip_empty:
+                raise DataError(
+                    f"{store.path}: patch store has 0 patches",
+                    f"drop slide {e.slide_id} or re-tile with a lower --min-tissue",
+                )
+            empty.append(e.slide_id)
+            continue
         bags.append(PatchBag(e, store))
+    if empty:
+        shown = ", ".join(empty[:10]) + (f" (+{len(empty) - 10} more)" if len(empty) > 10 else "")
+        log.warning(
+            "%d slides have no patches (no tissue found) and are left out: %s", len(empty), shown
+        )
+    if entries and not bags:
+        raise DataError(
+            f"none of the {len(entries)} slides has patches in {folder}",
+            "re-tile with a lower --min-tissue, or --tissue none for all-foreground images",
+        )
     sizes = {b.store.patch_size for b in bags}
     if len(sizes) > 1:
         raise DataError(
@@ -562,7 +580,9 @@ def open_e2e_bags(
 
     splits = select_splits(cfg, entries)
     use = [e for e in entries if splits.get(e.slide_id) in ("train", "val")]
-    bags = open_patch_bags(use, patches_dir(cfg.work, getattr(cfg, "patches", None)))
+    bags = open_patch_bags(
+        use, patches_dir(cfg.work, getattr(cfg, "patches", None)), skip_empty=True
+    )
     train = [b for b in bags if splits[b.slide_id] == "train"]
     val = [b for b in bags if splits[b.slide_id] == "val"]
     for i, b in enumerate(train):

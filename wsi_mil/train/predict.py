@@ -28,6 +28,7 @@ import yaml
 from wsi_mil.batch import (
     BatchResult,
     Skip,
+    SlideWarning,
     atomic_path,
     file_fingerprint,
     output_lock,
@@ -41,12 +42,15 @@ from wsi_mil.features.feature_store import open_features
 from wsi_mil.mil.bags import Bag, bag_from_feature_bag, check_labels, find_stores
 from wsi_mil.mil.model import PositionalAttentionMIL, model_from_checkpoint
 from wsi_mil.slides.table import SlideEntry
+from wsi_mil.tiling.patch_store import PatchStore
 from wsi_mil.train.loop import load_checkpoint_file
 from wsi_mil.train.metrics import binary_metrics
 
 log = logging.getLogger(__name__)
 
 PRED_COLUMNS = ["slide_id", "label", "prob", "split"]
+#: a slide where tile found no tissue (and warned): nothing to score, as training leaves it out
+NO_PATCHES = "no patches (no tissue found): not scored"
 
 
 def read_run_config(run: str | Path) -> dict[str, Any]:
@@ -298,11 +302,15 @@ def predict_slides(
             out.unlink(missing_ok=True)
             remove_stale_tmps(out)
         if e2e:
+            if stores[sid].exists() and len(PatchStore.open(stores[sid])) == 0:
+                raise SlideWarning(NO_PATCHES)
             if not encoder:
                 encoder.append(E2EEncoder(run, device, checkpoint=str(ck_path)))
             fb = encoder[0].encode(entry, cfg.work)
         else:
             fb = open_features(stores[sid])
+        if len(fb) == 0:
+            raise SlideWarning(NO_PATCHES)
         bag = bag_from_feature_bag(entry, fb)
         _check_bag_fits(model, bag)
         prob, att = predict_bag(model, bag, device)
