@@ -172,7 +172,10 @@ def test_out_keeps_the_runs_own_evaluation(trained, tmp_path, cli):
     out = tmp_path / "ext-preds"
     r = cli(*args[:3], str(ext), *args[4:], "--out-dir", str(out), env=ENV)
     assert r.returncode == 0, r.stderr
-    assert len(pd.read_csv(out / "predictions.csv")) == 4
+    preds = pd.read_csv(out / "predictions.csv", keep_default_na=False)
+    assert len(preds) == 4
+    # same slide ids as the run's own slides, but another cohort: not the run's splits
+    assert set(preds.split) == {""}, preds
     assert len(list((out / "attention").glob("*.h5"))) == 4
     assert (run / "predictions.csv").read_text() == own and _mtimes(run) == times
     r = cli("-q", "heatmap", "--run", str(out), "--top-k", "0", env=ENV)

@@ -31,7 +31,8 @@ from wsi_mil.cli.common import (
                              (all four under --out-dir DIR instead of R when given)
     \b
     The split of a slide is the one it had in training (R/splits.csv), else the
-    slide table's. Slides without a feature store are skipped with a warning.
+    slide table's (with --out-dir, always the table's: another cohort). Slides without
+    a feature store are skipped with a warning.
 
     \b
     Per slide, like the other per-slide stages: a slide whose attention file was made

@@ -225,7 +225,9 @@ def predict_slides(
     model = model_from_checkpoint(ck).to(device).eval()
     check_labels(entries, require=False)
 
-    run_splits = read_run_splits(run)
+    # --out-dir scores another cohort: its slide ids may repeat the run's, but its slides
+    # were never in the run's train/val splits
+    run_splits = {} if cfg.out_dir else read_run_splits(run)
     split_of = {e.slide_id: run_splits.get(e.slide_id) or e.split or "" for e in entries}
     if cfg.split:
         entries = [e for e in entries if split_of[e.slide_id] == cfg.split]
