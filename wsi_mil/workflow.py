@@ -237,6 +237,21 @@ class StageRun:
         return f"[run] {self.stage:<8} {s:<12} {self.seconds:7.1f} s  -> {self.outputs}"
 
 
+def stage_args(
+    stage: str, config_path: str | os.PathLike, global_args: Sequence[str] = ()
+) -> list[str]:
+    """``wsi-mil`` arguments of one stage of ``wsi-mil run``: ``[GLOBAL] <stage> --config FILE``.
+
+    ``train`` gets ``--resume`` unless the config sets ``resume`` or ``overwrite`` itself:
+    running ``wsi-mil run`` again continues (or finds finished) its run, as every other
+    stage skips what is current, instead of refusing because the run folder is taken.
+    """
+    args = [*global_args, stage, "--config", str(config_path)]
+    if stage == "train" and not {"resume", "overwrite"} & set(load_config_file(config_path, stage)):
+        args.append("--resume")
+    return args
+
+
 def invoke_stage(
     stage: str, config_path: str | os.PathLike, global_args: Sequence[str] = ()
 ) -> int:
@@ -248,7 +263,7 @@ def invoke_stage(
 
     from wsi_mil.cli import cli
 
-    args = [*global_args, stage, "--config", str(config_path)]
+    args = stage_args(stage, config_path, global_args)
     debug = "--debug" in global_args
     try:
         rv = cli.main(args=args, prog_name="wsi-mil", standalone_mode=False)

@@ -161,3 +161,16 @@ def test_synth_is_skipped_when_up_to_date(cli, tmp_path, monkeypatch):
     assert (tmp_path / "s" / "slides.csv").stat().st_mtime_ns == mtime
     cfg.write_text(cfg.read_text().replace("n-slides: 2", "n-slides: 3"))  # changed option
     assert not synth_up_to_date(cfg)
+
+
+def test_train_resumes_under_run_unless_the_config_says(tmp_path):
+    """Running `wsi-mil run` again must not stop at train ("run folder already holds a
+    run"): train gets --resume unless the config chooses resume/overwrite itself."""
+    from wsi_mil.workflow import stage_args
+
+    plain = _cfg(tmp_path, "slides: s.csv\nrun: R\n")
+    assert stage_args("train", plain)[-1] == "--resume"
+    assert "--resume" not in stage_args("predict", plain)
+    for text in ("train:\n  resume: false\n", "overwrite: true\n", "train:\n  overwrite: true\n"):
+        assert "--resume" not in stage_args("train", _cfg(tmp_path, f"slides: s.csv\n{text}"))
+    assert stage_args("train", plain, ["-q"])[:2] == ["-q", "train"]
