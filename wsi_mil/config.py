@@ -144,6 +144,7 @@ class TileConfig:
     mpp: float | None = None  # ... or this target resolution (microns per px); neither: level 0
     mpp_tolerance: float = 0.1  # relative; a level within it is used as-is, else resize
     slide_mpp: float | None = None  # override the slide's level-0 mpp
+    significant_bits: int | None = None  # bit depth of >8-bit samples (12-bit camera data)
     tissue: str = "otsu"  # otsu | none
     min_tissue: float = 0.1  # min tissue fraction per patch (otsu)
     thumbnail_px: int = 2048  # longest side of the thumbnail tissue is computed on

@@ -81,6 +81,15 @@ from wsi_mil.cli.common import (
     help="Level-0 microns per px, overriding (or supplying) the file's value.",
 )
 @click.option(
+    "--significant-bits",
+    type=click.IntRange(8, 32),
+    default=None,
+    help="Bit depth of samples stored wider than 8 bits, e.g. 12 for 12-bit camera data in "
+    "uint16 files that do not say so (their top 12 bits become the 8-bit pixels; without it "
+    "the top 8 of 16 stored bits are kept and such images come out nearly black). Default: "
+    "the file's OME SignificantBits, else the stored width.",
+)
+@click.option(
     "--tissue",
     type=click.Choice(["otsu", "none"]),
     default="otsu",

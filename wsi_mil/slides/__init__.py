@@ -54,13 +54,28 @@ def _load_backends() -> None:
 
 
 def open_slide(
-    path: str | os.PathLike, backend: str | None = None, mpp: float | None = None
+    path: str | os.PathLike,
+    backend: str | None = None,
+    mpp: float | None = None,
+    significant_bits: int | None = None,
 ) -> Slide:
     """Open any supported image. ``backend`` forces one ("openslide", "tiff", "zarr", "image").
 
-    ``mpp`` overrides the level-0 microns per pixel from the file. Raises
-    :class:`SlideError` with one line naming the file and the problem.
+    ``mpp`` overrides the level-0 microns per pixel from the file; ``significant_bits`` the
+    bit depth of integer samples wider than 8 bits (:meth:`Slide.set_significant_bits`).
+    Raises :class:`SlideError` with one line naming the file and the problem.
     """
+    slide = _open_slide(path, backend, mpp)
+    if significant_bits:
+        try:
+            slide.set_significant_bits(significant_bits)
+        except BaseException:
+            slide.close()
+            raise
+    return slide
+
+
+def _open_slide(path: str | os.PathLike, backend: str | None, mpp: float | None) -> Slide:
     _load_backends()
     p = Path(path)
     if not p.exists():

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from wsi_mil.batch import pool_workers
+from wsi_mil.errors import SlideError
 
 PAD_VALUE = 255  # white, like glass
 
@@ -45,6 +46,20 @@ class Slide(abc.ABC):
     def __init__(self, path: str | Path, mpp: float | None = None) -> None:
         self.path = Path(path)
         self._mpp_override = mpp
+        #: integer samples keep their top this-many bits when mapped to uint8; None: the
+        #: file's own (OME SignificantBits), else the stored width (see set_significant_bits)
+        self.significant_bits: int | None = None
+
+    def set_significant_bits(self, bits: int) -> None:
+        """Treat integer samples wider than 8 bits as holding ``bits`` significant bits (e.g.
+        12-bit camera data stored in uint16 without saying so): their top ``bits`` bits map
+        to uint8, instead of the top 8 stored bits, which leave such data nearly black.
+        Backends of 8-bit data ignore it."""
+        if not 8 <= int(bits) <= 32:
+            raise SlideError(
+                f"significant bits {bits} is outside 8..32", "e.g. 12 for 12-bit camera data"
+            )
+        self.significant_bits = int(bits)
 
     # -- required -------------------------------------------------------
     @property

@@ -403,7 +403,12 @@ class PatchStore:
             raise StoreError(
                 f"{self.path}: store has no pixels and no slide_path", "re-tile with --pixels"
             )
-        return open_slide(p, backend=self.attrs.get("backend"), mpp=self.mpp)
+        return open_slide(
+            p,
+            backend=self.attrs.get("backend"),
+            mpp=self.mpp,
+            significant_bits=self.attrs.get("significant_bits"),
+        )
 
 
 class PatchStoreWriter:

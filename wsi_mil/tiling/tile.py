@@ -88,6 +88,11 @@ def validate_config(cfg: TileConfig) -> None:
         raise ConfigError(f"--mpp must be > 0, got {cfg.mpp}")
     if cfg.slide_mpp is not None and cfg.slide_mpp <= 0:
         raise ConfigError(f"--slide-mpp must be > 0, got {cfg.slide_mpp}")
+    if cfg.significant_bits is not None and not 8 <= cfg.significant_bits <= 32:
+        raise ConfigError(
+            f"--significant-bits must be 8..32, got {cfg.significant_bits}",
+            "e.g. 12 for 12-bit camera data stored in uint16",
+        )
     if cfg.tissue not in TISSUE_METHODS:
         raise ConfigError(
             f"--tissue {cfg.tissue!r} is unknown", f"choose one of {', '.join(TISSUE_METHODS)}"
@@ -117,6 +122,8 @@ def tiling_params(cfg: TileConfig) -> dict[str, Any]:
         "mpp": cfg.mpp,
         "mpp_tolerance": cfg.mpp_tolerance,
         "slide_mpp": cfg.slide_mpp,
+        # only when given: stores made before the option existed keep their digest
+        **({"significant_bits": cfg.significant_bits} if cfg.significant_bits else {}),
         "tissue": cfg.tissue,
         "min_tissue": cfg.min_tissue,
         "thumbnail_px": cfg.thumbnail_px,
@@ -226,7 +233,9 @@ def tile_slide(
                 write_clam_h5(PatchStore.open(final), clam_h5_path(cfg.work, sid), sid)
             raise Skip(sid)
         remove_stale_tmps(final)
-        with open_slide(path, backend=cfg.backend, mpp=cfg.slide_mpp) as slide:
+        with open_slide(
+            path, backend=cfg.backend, mpp=cfg.slide_mpp, significant_bits=cfg.significant_bits
+        ) as slide:
             n = _build_store(cfg, sid, path, slide, final, fingerprint, digest, pool, progress)
         if cfg.clam_h5:
             write_clam_h5(PatchStore.open(final), clam_h5_path(cfg.work, sid), sid)
@@ -345,6 +354,7 @@ def _store_attrs(
         "thumbnail_size": [int(thumb_shape[1]), int(thumb_shape[0])],
         "compression": cfg.compression if cfg.pixels else None,
         "params": tiling_params(cfg),
+        "significant_bits": cfg.significant_bits,
         "params_digest": digest,
     }
 

@@ -139,7 +139,8 @@ class ImageSlide(Slide):
                     return to_rgb(rgba, alpha="straight")
                 if im.mode in ("I;16", "I;16B", "I;16L", "I"):
                     a = np.asarray(im)
-                    return to_rgb(to_uint8(a.astype(np.uint16) if im.mode != "I" else a))
+                    a = a.astype(np.uint16) if im.mode != "I" else a
+                    return to_rgb(to_uint8(a, self.significant_bits))
                 return np.ascontiguousarray(np.asarray(im.convert("RGB")))
         except SlideError:
             raise
@@ -152,7 +153,12 @@ class ImageSlide(Slide):
             a = tifffile.imread(self.path, series=0, level=0)
         if a.ndim == 3 and a.shape[0] in (1, 3, 4) and a.shape[-1] not in (1, 3, 4):
             a = np.moveaxis(a, 0, -1)
-        return to_rgb(to_uint8(a))
+        return to_rgb(to_uint8(a, self.significant_bits))
+
+    def set_significant_bits(self, bits: int) -> None:
+        super().set_significant_bits(bits)
+        with self._lock:
+            self._img = None  # decoded with the old mapping
 
     @property
     def level_dimensions(self) -> list[tuple[int, int]]:

@@ -305,6 +305,16 @@ class TiffSlide(Slide):
             jpeg=jpeg,
         )
 
+    def set_significant_bits(self, bits: int) -> None:
+        super().set_significant_bits(bits)
+        for lv in self._levels:
+            stored = np.dtype(lv.pages[0].dtype)
+            if stored.kind == "u" and stored.itemsize > 1 and lv.photometric != 3:
+                lv.bits = min(int(bits), stored.itemsize * 8)
+        with self._lock:
+            self._cache.clear()  # tiles decoded with the old mapping
+            self._cache_used = 0
+
     def _use_significant_bits(self) -> None:
         """Integer samples with fewer significant bits than stored (OME ``SignificantBits``, e.g.
         12-bit camera data in uint16) map their top significant bits to uint8, not the top 8

@@ -134,7 +134,7 @@ class ZarrSlide(Slide):
         data = np.transpose(data, order)
         if data.ndim == 2:
             data = data[:, :, None]
-        return to_rgb(to_uint8(data))
+        return to_rgb(to_uint8(data, self.significant_bits))
 
     def properties(self) -> dict:
         d = super().properties()

@@ -1,0 +1,96 @@
+"""--significant-bits: 12-bit camera data stored in uint16 files that do not say so."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import zarr
+from PIL import Image
+
+from wsi_mil.errors import SlideError
+from wsi_mil.slides import open_slide
+from wsi_mil.tiling import PatchStore
+
+
+def _twelve_bit(h: int = 300, w: int = 420, seed: int = 0) -> np.ndarray:
+    """(h, w) uint16 with values 0..4095: dark noisy field, bright nuclei."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = 100 + rng.normal(0, 20, (h, w))
+    for cy, cx in rng.integers(30, [h - 30, w - 30], (12, 2)):
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 <= 12**2] += 3000
+    return np.clip(img, 0, 4095).astype(np.uint16)
+
+
+def _expected(a: np.ndarray, bits: int) -> np.ndarray:
+    return np.repeat(
+        np.clip(a.astype(np.int64) >> (bits - 8), 0, 255).astype(np.uint8)[..., None], 3, -1
+    )
+
+
+def _write(kind: str, path: Path, a: np.ndarray) -> Path:
+    if kind == "ome-tiff":
+        tifffile.imwrite(path, a, ome=True, tile=(128, 128), metadata={"axes": "YX"})
+    elif kind == "zarr":
+        g = zarr.open_group(str(path), mode="w", zarr_format=3)
+        g.create_array("0", data=a, chunks=(128, 128))
+        g.attrs["ome"] = {
+            "version": "0.5",
+            "multiscales": [
+                {
+                    "axes": [{"name": "y", "type": "space"}, {"name": "x", "type": "space"}],
+                    "datasets": [
+                        {
+                            "path": "0",
+                            "coordinateTransformations": [{"type": "scale", "scale": [1, 1]}],
+                        }
+                    ],
+                }
+            ],
+        }
+    else:
+        Image.fromarray(a).save(path)  # 16-bit grey PNG
+    return path
+
+
+@pytest.mark.parametrize(
+    ("kind", "name"), [("ome-tiff", "a.ome.tif"), ("zarr", "a.ome.zarr"), ("png", "a.png")]
+)
+def test_open_slide_maps_the_top_significant_bits(tmp_path, kind, name):
+    a = _twelve_bit()
+    path = _write(kind, tmp_path / name, a)
+    with open_slide(path) as s:  # the file does not say: top 8 of 16 bits, nearly black
+        np.testing.assert_array_equal(
+            s.read_region(0, 0, 0, a.shape[1], a.shape[0]), _expected(a, 16)
+        )
+    with open_slide(path, significant_bits=12) as s:
+        got = s.read_region(0, 0, 0, a.shape[1], a.shape[0])
+        np.testing.assert_array_equal(got, _expected(a, 12))
+        assert got.max() > 180 and s.significant_bits == 12
+    with pytest.raises(SlideError, match="8..32"):
+        open_slide(path, significant_bits=4)
+
+
+def test_tile_with_significant_bits_finds_the_cells_and_records_it(tmp_path, cli):
+    a = _twelve_bit(512, 640, seed=3)
+    path = _write("ome-tiff", tmp_path / "cells.ome.tif", a)
+    table = tmp_path / "s.csv"
+    with open(table, "w", newline="") as fh:
+        csv.writer(fh).writerows([("slide_id", "path"), ("cells", str(path))])
+    args = ("-q", "tile", "--slides", str(table), "--patch-size", "64")
+    r = cli(*args, "--work", str(tmp_path / "dark"))
+    assert r.returncode == 0, r.stderr
+    assert len(PatchStore.open(tmp_path / "dark" / "patches" / "cells.zarr")) == 0  # nearly black
+    r = cli(*args, "--work", str(tmp_path / "w"), "--significant-bits", "12")
+    assert r.returncode == 0, r.stderr
+    store = PatchStore.open(tmp_path / "w" / "patches" / "cells.zarr")
+    assert len(store) > 0 and store.attrs["significant_bits"] == 12
+    with store.open_slide() as s:  # reopened as tiled: same mapping
+        x, y = (int(v) for v in store.coords[0])
+        np.testing.assert_array_equal(store.pixels(0, 1)[0], s.read_region(0, x, y, 64, 64))
+    r = cli(*args, "--work", str(tmp_path / "w"), "--significant-bits", "4")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
