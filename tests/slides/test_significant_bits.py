@@ -94,3 +94,41 @@ def test_tile_with_significant_bits_finds_the_cells_and_records_it(tmp_path, cli
         np.testing.assert_array_equal(store.pixels(0, 1)[0], s.read_region(0, x, y, 64, 64))
     r = cli(*args, "--work", str(tmp_path / "w"), "--significant-bits", "4")
     assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_coords_only_store_is_read_back_with_the_recorded_bits(tmp_path, cli):
+    """--no-pixels: extract and e2e training reopen the slide; they must map it as tiling
+    did (nearly black otherwise), whichever backend they are told to use."""
+    from wsi_mil.features.extract import _slide_opener
+    from wsi_mil.train.e2e import BagReader
+
+    a = _twelve_bit(512, 640, seed=4)
+    path = _write("ome-tiff", tmp_path / "cells.ome.tif", a)
+    table = tmp_path / "s.csv"
+    with open(table, "w", newline="") as fh:
+        csv.writer(fh).writerows([("slide_id", "path"), ("cells", str(path))])
+    r = cli("-q", "tile", "--slides", str(table), "--patch-size", "64", "--work", str(tmp_path / "w"),
+            "--significant-bits", "12", "--no-pixels")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    store = PatchStore.open(tmp_path / "w" / "patches" / "cells.zarr")
+    n = len(store)
+    want = store.read_patches(0, n)  # through store.open_slide: the recorded bits
+    assert n > 0 and want.max() > 180
+    for backend in (None, "tiff"):
+        with _slide_opener(store, store.slide_path, backend)() as s:
+            np.testing.assert_array_equal(store.read_patches(0, n, slide=s), want)
+        reader = BagReader(store, None, backend=backend)
+        np.testing.assert_array_equal(reader(0, n), want)
+        reader.close()
+
+
+@pytest.mark.parametrize(
+    ("kind", "name"), [("ome-tiff", "b.ome.tif"), ("zarr", "b.ome.zarr"), ("png", "b.png")]
+)
+def test_more_bits_than_stored_means_the_stored_width(tmp_path, kind, name):
+    """24 significant bits in uint16: every backend keeps the stored 16 (not all black)."""
+    a = (_twelve_bit().astype(np.uint32) * 16).astype(np.uint16)  # full 16-bit range
+    path = _write(kind, tmp_path / name, a)
+    with open_slide(path, significant_bits=24) as s:
+        got = s.read_region(0, 0, 0, a.shape[1], a.shape[0])
+    np.testing.assert_array_equal(got, _expected(a, 16))

@@ -611,9 +611,7 @@ def _slide_opener(
         )
 
     def open_() -> Any:
-        from wsi_mil.slides import open_slide
-
-        slide = open_slide(slide_path, backend=backend or store.attrs.get("backend"), mpp=store.mpp)
+        slide = store.open_slide(slide_path, backend=backend)
         if tuple(slide.dimensions) != tuple(store.level0_size):
             raise StoreError(
                 f"{slide_path}: level-0 size {slide.dimensions} differs from the patch store's {store.level0_size}",

@@ -394,8 +394,9 @@ class PatchStore:
             slide, self.coords[start:stop], self.level, self.patch_size, self.patch_size_level
         )
 
-    def open_slide(self, path: str | os.PathLike | None = None) -> Any:
-        """Open the source slide (``path`` overrides the recorded ``slide_path``)."""
+    def open_slide(self, path: str | os.PathLike | None = None, backend: str | None = None) -> Any:
+        """Open the source slide as tiling read it: the recorded backend, mpp and significant
+        bits (``path`` overrides the recorded ``slide_path``, ``backend`` the backend)."""
         from wsi_mil.slides import open_slide
 
         p = path or self.slide_path
@@ -405,7 +406,7 @@ class PatchStore:
             )
         return open_slide(
             p,
-            backend=self.attrs.get("backend"),
+            backend=backend or self.attrs.get("backend"),
             mpp=self.mpp,
             significant_bits=self.attrs.get("significant_bits"),
         )

@@ -199,14 +199,7 @@ class BagReader:
 
     def _open_slide(self) -> Any:
         if self._slide is None:
-            if self.backend and self.store.slide_path is not None:
-                from wsi_mil.slides import open_slide
-
-                self._slide = open_slide(
-                    self.store.slide_path, backend=self.backend, mpp=self.store.mpp
-                )
-            else:
-                self._slide = self.store.open_slide()
+            self._slide = self.store.open_slide(backend=self.backend)
         return self._slide
 
     def close(self) -> None:

@@ -71,13 +71,17 @@ def is_tiff_file(path: Path) -> bool:
 
 
 def to_uint8(a: np.ndarray, bits: int | None = None) -> np.ndarray:
-    """Map any integer/float array to uint8 (16-bit -> top 8 bits, float assumed in [0, 1])."""
+    """Map any integer/float array to uint8 (16-bit -> top 8 bits, float assumed in [0, 1]).
+
+    ``bits``: significant bits of unsigned samples (e.g. 12 in uint16), at most the stored
+    width; their top 8 become the uint8 value. Signed samples keep their stored width."""
     if a.dtype == np.uint8:
         return a
     if a.dtype == bool:
         return a.astype(np.uint8) * 255
     if np.issubdtype(a.dtype, np.integer):
-        nbits = bits or a.dtype.itemsize * 8
+        width = a.dtype.itemsize * 8
+        nbits = min(bits, width) if bits and a.dtype.kind == "u" else width
         shift = max(0, nbits - 8)
         return np.clip(a.astype(np.int64) >> shift, 0, 255).astype(np.uint8)
     return np.clip(np.nan_to_num(a.astype(np.float32)) * 255.0 + 0.5, 0, 255).astype(np.uint8)
