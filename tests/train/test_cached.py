@@ -286,3 +286,20 @@ def test_store_with_no_patches_is_skipped_with_a_warning(tmp_path, caplog):
         )
     assert "1 slides have 0 patches" in caplog.text and "blank" in caplog.text
     assert "blank" not in (run / "splits.csv").read_text()
+
+
+def test_resume_refuses_other_options_and_names_them(tmp_path):
+    """--resume (which 'wsi-mil run' passes by itself) continues only the same training:
+    more epochs are fine, another lr or model shape is refused before config.yaml changes."""
+    _, entries = _setup(tmp_path, n_bags=8)
+    run = train(_cfg(tmp_path, epochs=1), entries, progress=False)
+    saved = (run / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match=r"lr: 0\.001 -> 0\.5"):
+        train(_cfg(tmp_path, epochs=1, resume=True, lr=0.5), entries, progress=False)
+    with pytest.raises(ConfigError, match=r"model\.hidden_dim"):
+        model = ModelConfig(hidden_dim=16)
+        train(_cfg(tmp_path, epochs=1, resume=True, model=model), entries, progress=False)
+    assert (run / "config.yaml").read_text() == saved  # refused before anything was rewritten
+    train(_cfg(tmp_path, epochs=2, resume=True, device="cpu"), entries, progress=False)
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]

@@ -86,6 +86,63 @@ def prepare_run_dir(cfg: TrainConfig) -> Path:
     return run
 
 
+#: options a resumed run may change: how long and where it runs, not what it learns from
+RESUMABLE_CHANGES = frozenset(
+    {
+        "resume",
+        "overwrite",
+        "epochs",
+        "early_stop",
+        "patience",
+        "min_delta",
+        "device",
+        "work",
+        "run",
+    }
+)
+
+
+def check_resume_options(cfg: TrainConfig, resolved: TrainConfig) -> None:
+    """With ``--resume`` on a run that has a checkpoint, refuse options that differ from the
+    run's ``config.yaml`` (other than :data:`RESUMABLE_CHANGES`), naming them: continuing
+    would mix two trainings (or crash on other model shapes). Call it before ``config.yaml``
+    is rewritten; every rank reads the same file, so all of them stop alike."""
+    import yaml
+
+    from wsi_mil.config import to_plain
+
+    run = Path(cfg.run)
+    saved = run / "config.yaml"
+    if not (cfg.resume and (run / "checkpoints" / "last.pt").is_file() and saved.is_file()):
+        return
+    old = _flatten(yaml.safe_load(saved.read_text()) or {})
+    new = _flatten(to_plain(resolved))
+    changed = [
+        f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
+        for k in sorted(set(old) | set(new))
+        if k.split(".")[0] not in RESUMABLE_CHANGES and old.get(k) != new.get(k)
+    ]
+    if changed:
+        shown = "; ".join(changed[:6]) + (
+            f" (+{len(changed) - 6} more)" if len(changed) > 6 else ""
+        )
+        raise ConfigError(
+            f"cannot resume {run}: it was trained with other options ({shown})",
+            "use the run's options, start afresh with --overwrite (config: train: overwrite: "
+            "true), or give another --run; 'wsi-mil run' resumes training by itself",
+        )
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def write_splits_csv(path: Path, bags: Sequence[Bag], splits: dict[str, str]) -> None:
     """``R/splits.csv``: slide_id,label,split of every slide the run trained or validated on."""
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
@@ -133,6 +190,7 @@ def _train_cached(
     resolved = dataclasses.replace(cfg, features=features_dir, model=model_cfg)
 
     run = Path(cfg.run)
+    check_resume_options(cfg, resolved)
     if main:
         run = prepare_run_dir(cfg)
         save_resolved(resolved, run / "config.yaml")

@@ -599,7 +599,12 @@ def train_e2e(cfg: TrainConfig, entries: Sequence[SlideEntry], progress: bool = 
 
 def _train_e2e(cfg: TrainConfig, entries: Sequence[SlideEntry], info: Any, progress: bool) -> Path:
     from wsi_mil.mil.model import PositionalAttentionMIL
-    from wsi_mil.train.cached import check_train_classes, prepare_run_dir, write_splits_csv
+    from wsi_mil.train.cached import (
+        check_resume_options,
+        check_train_classes,
+        prepare_run_dir,
+        write_splits_csv,
+    )
 
     check_e2e_config(cfg)
     main = dist_.is_main(info)
@@ -610,6 +615,7 @@ def _train_e2e(cfg: TrainConfig, entries: Sequence[SlideEntry], info: Any, progr
     model_cfg = replace(cfg.model, in_dim=int(enc_info.out_dim))
     resolved = replace(cfg, mode="e2e", model=model_cfg, encoder_lr=resolve_encoder_lr(cfg))
     run = Path(cfg.run)
+    check_resume_options(cfg, resolved)
     if main:
         run = prepare_run_dir(cfg)
         save_resolved(resolved, run / "config.yaml")
