@@ -28,6 +28,8 @@ MIN_CONTRAST = 12
 #: max - min channel of grey pixels (JPEG chroma noise included); colour pixels have more
 #: than twice this
 GRAY_CHROMA = 6
+#: dark background: contrast above which every pixel counts the same for the threshold
+DARK_SCORE_CAP = 2 * MIN_CONTRAST
 #: a dark image is still brightfield when at least this share of it is glass (bright and
 #: colourless), e.g. a slide whose unscanned area is filled black
 GLASS_FRACTION = 0.1
@@ -100,10 +102,10 @@ def foreground_score(thumb_rgb: np.ndarray) -> tuple[np.ndarray, int]:
     glass = np.count_nonzero((mx >= 180) & (chroma <= GRAY_CHROMA))
     if _percentile_u8(mx, 50) < DARK_BACKGROUND and glass < GLASS_FRACTION * n:
         score = np.clip(mx.astype(np.int16) - _percentile_u8(mx, 5), 0, 255).astype(np.uint8)
-        # a few much brighter cells (often the very signal a label is about) must not pull
-        # Otsu's threshold up and drop the dim ones: cap at the 99th percentile, kept well
-        # above the floor so that sparse cells (< 1 % of the image) are not capped away
-        return np.minimum(score, max(_percentile_u8(score, 99), 4 * MIN_CONTRAST)), MIN_CONTRAST
+        # much brighter cells (often the very signal a label is about, and any share of the
+        # image) must not pull Otsu's threshold up and drop the dim ones: the score saturates
+        # at DARK_SCORE_CAP, so the mask marks "clearly above the background", not brightness
+        return np.minimum(score, DARK_SCORE_CAP), MIN_CONTRAST
     if np.count_nonzero(chroma > 2 * GRAY_CHROMA) >= max(4, MIN_OBJECT_FRACTION * n):
         return _saturation_of(mx, chroma), MIN_SATURATION
     score = np.clip(_percentile_u8(mx, 95) - mx.astype(np.int16), 0, 255)
