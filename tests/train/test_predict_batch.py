@@ -170,8 +170,9 @@ def test_out_keeps_the_runs_own_evaluation(trained, tmp_path, cli):
         w.writeheader()
         w.writerows({**r, "label": ""} for r in rows)  # unlabelled
     out = tmp_path / "ext-preds"
-    r = cli(*args[:3], str(ext), *args[4:], "--out-dir", str(out), env=ENV)
+    r = cli(*args[1:3], str(ext), *args[4:], "--out-dir", str(out), env=ENV)
     assert r.returncode == 0, r.stderr
+    assert "4 slides share their id with the run's train/val slides" in r.stderr
     preds = pd.read_csv(out / "predictions.csv", keep_default_na=False)
     assert len(preds) == 4
     # same slide ids as the run's own slides, but another cohort: not the run's splits

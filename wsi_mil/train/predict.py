@@ -227,7 +227,18 @@ def predict_slides(
 
     # --out-dir scores another cohort: its slide ids may repeat the run's, but its slides
     # were never in the run's train/val splits
-    run_splits = {} if cfg.out_dir else read_run_splits(run)
+    run_splits = read_run_splits(run)
+    if cfg.out_dir:
+        seen = sorted(e.slide_id for e in entries if run_splits.get(e.slide_id) in ("train", "val"))
+        if seen:
+            log.warning(
+                "--out-dir: %d slides share their id with the run's train/val slides (e.g. %s); "
+                "they are scored as another cohort, with the slide table's split. To evaluate "
+                "the run's own slides with their splits, predict into the run folder",
+                len(seen),
+                ", ".join(seen[:3]),
+            )
+        run_splits = {}
     split_of = {e.slide_id: run_splits.get(e.slide_id) or e.split or "" for e in entries}
     if cfg.split:
         entries = [e for e in entries if split_of[e.slide_id] == cfg.split]
