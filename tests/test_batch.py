@@ -226,3 +226,27 @@ def test_available_cpus_respects_slurm_and_affinity():
     out = subprocess.run([sys.executable, "-c", code2], env=env, capture_output=True, text=True)
     assert out.stdout.strip() == "1"
     assert available_cpus() >= 1
+
+
+def test_output_lock_in_a_shared_locks_folder_survives_its_removal(tmp_path):
+    """Holders in one .locks folder (heatmap's) remove it when it empties on release; a
+    process creating it at that moment must retry, not fail the slide (FileExistsError
+    from mkdir's exist_ok check, seen on a 'make demo' rerun with --processes 2)."""
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from wsi_mil.batch import output_lock\n"
+        "d = Path(sys.argv[1]) / '.locks'\n"
+        "for i in range(1500):\n"
+        "    with output_lock(d / f'{sys.argv[2]}-{i}.png') as held:\n"
+        "        assert held\n"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(tmp_path), str(k)], stderr=subprocess.PIPE, text=True
+        )
+        for k in range(3)
+    ]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], errors
+    assert not (tmp_path / ".locks").exists()

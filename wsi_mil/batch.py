@@ -221,10 +221,13 @@ def _acquire_lock_file(lock_path: Path, blocking: bool) -> int | None:
     an orphan and start again on a fresh file.
     """
     while True:
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
         try:
+            lock_path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
-        except FileNotFoundError:  # the empty .locks folder was just removed: make it again
+        except (FileNotFoundError, FileExistsError):
+            # a releasing holder removed the empty .locks folder between our mkdir and open
+            # (FileNotFoundError), or between mkdir's EEXIST and its is_dir check
+            # (FileExistsError): make it again
             continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
