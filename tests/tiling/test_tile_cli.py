@@ -240,3 +240,27 @@ def test_default_tissue_finds_cells_in_a_one_channel_fluorescence_image(tmp_path
     kept = {(int(x) // patch, int(y) // patch) for x, y in store.coords}
     with_cells = {(cx // patch, cy // patch) for cy, cx in centres}
     assert with_cells <= kept and len(kept) <= 2 * len(with_cells), kept
+
+
+def test_empty_store_of_older_tissue_scores_is_made_again(tmp_path, cli):
+    """Stores tiled before grey images had a tissue score are empty for every grey image:
+    a rerun makes such empty stores again; current ones (and stores with patches) stay."""
+    import tifffile
+    import zarr
+
+    rng = np.random.default_rng(0)
+    blank = np.clip(300 + rng.normal(0, 20, (256, 384)), 0, 65535).astype(np.uint16)
+    tifffile.imwrite(
+        tmp_path / "blank.ome.tif", blank, ome=True, tile=(128, 128), metadata={"axes": "YX"}
+    )
+    table = _table(tmp_path / "s.csv", [("blank", tmp_path / "blank.ome.tif")])
+    args = ("tile", "--slides", str(table), "--work", str(tmp_path / "w"), "--patch-size", "64")
+    r = cli(*args)
+    assert r.returncode == 0 and "1 done" in r.stderr, r.stderr  # no tissue: empty + warning
+    assert "0 done, 1 up to date" in cli(*args).stderr
+    g = zarr.open_group(str(tmp_path / "w" / "patches" / "blank.zarr"), mode="r+")
+    attrs = dict(g.attrs)
+    del attrs["tissue_scores"]  # as an older version wrote it
+    g.attrs.clear()
+    g.attrs.update(attrs)
+    assert "1 done, 0 up to date" in cli(*args).stderr

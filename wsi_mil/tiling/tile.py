@@ -58,6 +58,9 @@ log = logging.getLogger(__name__)
 
 #: bump when a change in the algorithm changes the stores for the same parameters
 TILING_VERSION = 1
+#: version of the tissue scores (2: grey and dark-background images, see tissue.py); an
+#: empty otsu store of an older version is not current (it may be a grey image it missed)
+TISSUE_SCORES = 2
 #: patches per zarr chunk of ``pixels`` (each written as one file, in parallel)
 CHUNK_PATCHES = 64
 #: longest side of the QC PNG in ``W/masks/`` (px)
@@ -194,6 +197,11 @@ def store_is_current(final: Path, fingerprint: dict | None, digest: str) -> bool
         store = PatchStore.open(final)
     except StoreError:
         return False
+    if len(store) == 0 and store.attrs.get("tissue_method") == "otsu":
+        # tissue scores before TISSUE_SCORES found nothing in grey and fluorescence images:
+        # such empty stores are made again (stores with patches keep their masks)
+        if store.attrs.get("tissue_scores", 1) < TISSUE_SCORES:
+            return False
     return (
         store.attrs.get("params_digest") == digest
         and store.attrs.get("slide_fingerprint") == fingerprint
@@ -355,6 +363,7 @@ def _store_attrs(
         "compression": cfg.compression if cfg.pixels else None,
         "params": tiling_params(cfg),
         "significant_bits": cfg.significant_bits,
+        "tissue_scores": TISSUE_SCORES,
         "params_digest": digest,
     }
 
