@@ -42,11 +42,19 @@ def stage_command(stage: str) -> click.Command:
     return cmd
 
 
+#: the default click >= 8.2 gives options that have none (older click: None)
+try:
+    from click._utils import UNSET as _CLICK_UNSET
+except ImportError:  # pragma: no cover - click < 8.2
+    _CLICK_UNSET = None
+
+
 def resolve_options(stage: str, config_path: str | os.PathLike) -> dict[str, Any]:
     """Option values ``wsi-mil <stage> --config FILE`` would run with, by click parameter name.
 
-    Click defaults, overlaid by the config file (top-level keys, then the stage's section).
-    Values are as written in the YAML (not type-converted beyond what YAML does).
+    Click defaults (None for options without one), overlaid by the config file (top-level
+    keys, then the stage's section). Values are as written in the YAML (not type-converted
+    beyond what YAML does).
     """
     from wsi_mil.cli.common import _option_names
 
@@ -55,7 +63,7 @@ def resolve_options(stage: str, config_path: str | os.PathLike) -> dict[str, Any
     for p in cmd.params:
         if p.name and p.name != "config":
             d = p.default() if callable(p.default) else p.default
-            out[p.name] = d
+            out[p.name] = None if d is _CLICK_UNSET else d
     names = _option_names(cmd)
     for k, v in load_config_file(config_path, stage).items():
         if k in names and names[k] != "config":
@@ -102,10 +110,8 @@ def patches_dir(config_path: str | os.PathLike) -> Path:
 
 
 def run_dir(config_path: str | os.PathLike, stage: str = "train") -> Path:
-    """The run folder a stage uses (``run:``), else ``runs/default`` as train/predict default."""
-    v = resolve_options(stage, config_path).get("run")
-    # an option without a value may resolve to click's unset marker, not a path
-    return Path(v) if isinstance(v, (str, os.PathLike)) and str(v) else Path("runs/default")
+    """The run folder a stage uses (``run:``), else ``runs/default``, the commands' default."""
+    return Path(resolve_options(stage, config_path).get("run") or "runs/default")
 
 
 def single_slide_table(entry: Any, folder: str | os.PathLike) -> Path:
@@ -309,6 +315,8 @@ def run_pipeline(
     Exit code: 0 all stages clean; 1 some stage had failed slides (or crashed); 2 a stage
     stopped the run with a usage/configuration error.
     """
+    from wsi_mil.cli.common import take_last_batch
+
     config_path = Path(config_path)
     plan = plan_stages(config_path, stages)
     echo(f"[run] {config_path}: {' -> '.join(plan)}")
@@ -318,9 +326,7 @@ def run_pipeline(
         if stage == "synth" and synth_up_to_date(config_path):
             echo(f"[run] synth    up to date       -> {stage_output('synth', config_path)}")
             continue
-        from wsi_mil.cli.common import take_last_batch
-
-        take_last_batch()
+        take_last_batch()  # clear the previous stage's
         t0 = time.perf_counter()
         code = invoke_stage(stage, config_path, global_args)
         sys.stderr.flush()

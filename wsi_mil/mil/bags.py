@@ -129,9 +129,22 @@ def find_stores(
     return found, missing
 
 
-def _list_ids(ids: Sequence[str], n: int = 10) -> str:
+def list_ids(ids: Sequence[str], n: int = 10) -> str:
+    """The first ``n`` slide ids, comma-separated, with how many more there are."""
     more = f" ... (+{len(ids) - n} more)" if len(ids) > n else ""
     return ", ".join(ids[:n]) + more
+
+
+def warn_missing_stores(missing: Sequence[str], n: int, features_dir: Path) -> None:
+    """One warning listing the slides (of ``n``) without a feature store, if any."""
+    if missing:
+        log.warning(
+            "%d of %d slides have no feature store in %s and are skipped: %s",
+            len(missing),
+            n,
+            features_dir,
+            list_ids(missing),
+        )
 
 
 def load_bags(
@@ -152,14 +165,7 @@ def load_bags(
     features_dir = Path(features_dir)
     check_labels(entries, require=require_labels)
     found, missing = find_stores(entries, features_dir)
-    if missing:
-        log.warning(
-            "%d of %d slides have no feature store in %s and are skipped: %s",
-            len(missing),
-            len(entries),
-            features_dir,
-            _list_ids(missing),
-        )
+    warn_missing_stores(missing, len(entries), features_dir)
     if not found:
         raise DataError(
             f"none of the {len(entries)} slides has a feature store in {features_dir}",
@@ -177,7 +183,7 @@ def load_bags(
         log.warning(
             "%d slides have 0 patches (no tissue found) and are skipped: %s",
             len(empty),
-            _list_ids(empty),
+            list_ids(empty),
         )
     if not bags:
         raise DataError(
@@ -208,7 +214,7 @@ def check_dims(bags: Sequence[Bag], expected: int | None = None) -> int:
     for b in bags:
         by_dim.setdefault(b.dim, []).append(b.slide_id)
     if len(by_dim) > 1:
-        parts = "; ".join(f"D={d}: {_list_ids(ids, 3)}" for d, ids in sorted(by_dim.items()))
+        parts = "; ".join(f"D={d}: {list_ids(ids, 3)}" for d, ids in sorted(by_dim.items()))
         raise DataError(
             f"feature stores of different widths in one run ({parts})",
             "use stores from one encoder (one --features folder)",

@@ -197,11 +197,14 @@ def store_is_current(final: Path, fingerprint: dict | None, digest: str) -> bool
         store = PatchStore.open(final)
     except StoreError:
         return False
-    if len(store) == 0 and store.attrs.get("tissue_method") == "otsu":
+    if (
+        len(store) == 0
+        and store.attrs.get("tissue_method") == "otsu"
+        and store.attrs.get("tissue_scores", 1) < TISSUE_SCORES
+    ):
         # tissue scores before TISSUE_SCORES found nothing in grey and fluorescence images:
         # such empty stores are made again (stores with patches keep their masks)
-        if store.attrs.get("tissue_scores", 1) < TISSUE_SCORES:
-            return False
+        return False
     return (
         store.attrs.get("params_digest") == digest
         and store.attrs.get("slide_fingerprint") == fingerprint

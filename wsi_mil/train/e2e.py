@@ -49,6 +49,7 @@ from wsi_mil.config import ModelConfig, TrainConfig, save_resolved, to_plain
 from wsi_mil.errors import ConfigError, DataError, StoreError
 from wsi_mil.features.encoders import create_encoder, preprocess
 from wsi_mil.features.feature_store import FeatureBag
+from wsi_mil.mil.bags import list_ids
 from wsi_mil.mil.model import feature_stats
 from wsi_mil.slides.table import SlideEntry
 from wsi_mil.tiling.patch_store import PatchStore
@@ -121,9 +122,10 @@ def open_patch_bags(
             continue
         bags.append(PatchBag(e, store))
     if empty:
-        shown = ", ".join(empty[:10]) + (f" (+{len(empty) - 10} more)" if len(empty) > 10 else "")
         log.warning(
-            "%d slides have no patches (no tissue found) and are left out: %s", len(empty), shown
+            "%d slides have no patches (no tissue found) and are left out: %s",
+            len(empty),
+            list_ids(empty),
         )
     if entries and not bags:
         raise DataError(

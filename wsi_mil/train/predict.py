@@ -39,7 +39,13 @@ from wsi_mil.batch import (
 from wsi_mil.config import PredictConfig
 from wsi_mil.errors import ConfigError, DataError, StoreError
 from wsi_mil.features.feature_store import open_features
-from wsi_mil.mil.bags import Bag, bag_from_feature_bag, check_labels, find_stores
+from wsi_mil.mil.bags import (
+    Bag,
+    bag_from_feature_bag,
+    check_labels,
+    find_stores,
+    warn_missing_stores,
+)
 from wsi_mil.mil.model import PositionalAttentionMIL, model_from_checkpoint
 from wsi_mil.slides.table import SlideEntry
 from wsi_mil.tiling.patch_store import PatchStore
@@ -274,7 +280,7 @@ def predict_slides(
             )
         _check_folder_fits(model, found[0][1])  # a wrong folder: one error, not N failures
         ours = {e.slide_id for e in mine}
-        _warn_missing([m for m in missing if m in ours], len(mine), Path(fdir))
+        warn_missing_stores([m for m in missing if m in ours], len(mine), Path(fdir))
         stores = {e.slide_id: p for e, p in found if e.slide_id in ours}
         mine = [e for e in mine if e.slide_id in stores]
 
@@ -385,21 +391,6 @@ def predict_slides(
     _plot_roc(out_dir, rows)
     _log_summary(result)
     return PredictOutcome(batch, result)
-
-
-def _warn_missing(missing: Sequence[str], n: int, features_dir: Path) -> None:
-    if not missing:
-        return
-    shown = ", ".join(missing[:10]) + (
-        f" ... (+{len(missing) - 10} more)" if len(missing) > 10 else ""
-    )
-    log.warning(
-        "%d of %d slides have no feature store in %s and are skipped: %s",
-        len(missing),
-        n,
-        features_dir,
-        shown,
-    )
 
 
 def _check_fits(model: PositionalAttentionMIL, dim: int, has_coords: bool, what: str) -> None:
