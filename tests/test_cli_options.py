@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -106,3 +107,50 @@ def test_timm_install_hint_is_the_editable_install_of_the_clone(cli, tmp_path):
         r = cli("extract", "--slides", "s.csv", "--encoder", "timm:resnet18", cwd=tmp_path)
         assert r.returncode == 2 and "needs timm" in r.stderr, r.stderr
         assert "pip install -e '.[timm]'" in r.stderr and "wsi-mil[timm]" not in r.stderr
+
+
+@pytest.mark.parametrize(
+    "command, config_classes",
+    [
+        ("synth", ["SynthConfig"]),
+        ("tile", ["TileConfig"]),
+        ("extract", ["ExtractConfig"]),
+        ("train", ["TrainConfig", "ModelConfig"]),
+        ("predict", ["PredictConfig"]),
+        ("heatmap", ["HeatmapConfig"]),
+    ],
+)
+def test_cli_defaults_are_the_config_defaults(command, config_classes):
+    """A flag left out and a key left out of a config file mean the same value: every option
+    default equals the dataclass field of the same name (None = "the library decides")."""
+    import dataclasses
+
+    import wsi_mil.config as config
+    from wsi_mil.cli import cli
+
+    fields = {}
+    for name in config_classes:
+        for f in dataclasses.fields(getattr(config, name)):
+            if f.default is not dataclasses.MISSING:
+                fields[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                fields[f.name] = f.default_factory()
+    from wsi_mil.workflow import _CLICK_UNSET
+
+    checked = 0
+    for p in cli.commands[command].params:
+        got = p.default() if callable(p.default) else p.default
+        if got is _CLICK_UNSET:  # click >= 8.2: no default given; a flag is then off
+            got = False if getattr(p, "is_flag", False) else None
+        if p.name not in fields or got is None:
+            continue
+        want = fields[p.name]
+        if p.name == "backend" and (got, want) == ("auto", None):  # the CLI spells None "auto"
+            want = "auto"
+        if isinstance(want, tuple | list) and isinstance(got, tuple | list):
+            want, got = list(want), list(got)
+        if isinstance(want, Path):
+            got = Path(got)
+        assert got == want, f"{command} --{p.name}: CLI default {got!r}, config {want!r}"
+        checked += 1
+    assert checked >= 3, (command, checked)

@@ -149,7 +149,7 @@ class TileConfig:
     min_tissue: float = 0.1  # min tissue fraction per patch (otsu)
     thumbnail_px: int = 2048  # longest side of the thumbnail tissue is computed on
     pixels: bool = True  # store pixels (else coords only; later stages read the slide)
-    compression: str = "zstd"  # lossless: zstd (smallest) | lz4 | none (fastest); see --help
+    compression: str = "none"  # lossless: none (fastest) | zstd (smallest) | lz4; see --help
     clam_h5: bool = False  # also write CLAM's W/patches/<slide_id>.h5 coords file
     workers: int | None = None  # read threads; None: CPUs this job may use
     processes: int = 1  # slides tiled at once, one per process (many small images)

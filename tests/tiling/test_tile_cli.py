@@ -105,6 +105,32 @@ def test_skip_current_rebuild_on_change(tmp_path, cli, make_slide):
     assert r.returncode == 0 and "1 done" in r.stderr
 
 
+def test_changing_only_the_compression_keeps_the_store_until_overwrite(tmp_path, cli, make_slide):
+    """Compressions are lossless: a store made with another one holds the same pixels, so a
+    rerun with a new --compression (or a new default) keeps it; --overwrite re-encodes it."""
+    slide = make_slide("a", "tissue", 512, 640)
+    work = tmp_path / "w"
+    args = ("tile", str(slide), "--work", str(work), "--patch-size", "64")
+    r = cli("-q", *args, "--compression", "zstd")
+    assert r.returncode == 0, r.stderr
+    store = work / "patches" / "a.zarr"
+    zstd_pixels = PatchStore.open(store).pixels(0, len(PatchStore.open(store)))
+    mtime = (store / "zarr.json").stat().st_mtime_ns
+    r = cli(*args)  # the default, none
+    assert r.returncode == 0 and "1 up to date" in r.stderr, r.stderr
+    assert "compression zstd" in r.stderr and "--overwrite" in r.stderr, r.stderr
+    assert (store / "zarr.json").stat().st_mtime_ns == mtime
+    r = cli("-q", *args, "--overwrite")
+    assert r.returncode == 0, r.stderr
+    again = PatchStore.open(store)
+    assert again.attrs["compression"] == "none"
+    np.testing.assert_array_equal(again.pixels(0, len(again)), zstd_pixels)
+    # another parameter still rebuilds, whatever the compression
+    r = cli("-q", *args, "--compression", "zstd", "--min-tissue", "0.5")
+    assert r.returncode == 0, r.stderr
+    assert PatchStore.open(store).attrs["compression"] == "zstd"
+
+
 def test_shards_are_disjoint_and_cover(tmp_path, cli, make_slide):
     slides = [make_slide(f"s{i}", "tissue", 256, 256) for i in range(3)]
     table = _table(tmp_path / "t.csv", [(f"s{i}", p) for i, p in enumerate(slides)])

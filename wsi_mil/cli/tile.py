@@ -14,6 +14,7 @@ from wsi_mil.cli.common import (
     slide_inputs,
     work_option,
 )
+from wsi_mil.config import TileConfig
 
 
 @click.command(
@@ -33,7 +34,7 @@ from wsi_mil.cli.common import (
     patches that run past the image are kept and padded white. Pixels are read
     tile-aligned: each native tile of the slide is decoded once, in --workers threads.
     Slides whose store is complete and was made from the same file with the same options
-    are skipped; a changed slide or option rebuilds it. Stores appear atomically, so a
+    are skipped; a changed slide or option (other than --compression) rebuilds it. Stores appear atomically, so a
     killed run never leaves one that looks complete: just run the command again.
     A slide without tissue gets an empty store and a warning (later stages skip it).
     """,
@@ -120,13 +121,14 @@ from wsi_mil.cli.common import (
 )
 @click.option(
     "--compression",
-    type=click.Choice(["zstd", "lz4", "none"]),
-    default="zstd",
+    type=click.Choice(["none", "zstd", "lz4"]),
+    default=TileConfig.compression,
     show_default=True,
-    help="Pixel compression, all lossless. zstd (level 1): smallest (on JPEG-scanned tissue "
-    "~1.2x smaller than raw, more with glass), costs ~40% more CPU than none; lz4 (blosc): "
-    "cheaper than zstd but barely compresses tissue; none: raw pixels, fastest to write "
-    "(bench/tile.py prints the measured size and speed of each).",
+    help="Pixel compression, all lossless. none: raw pixels, fastest to write and to read "
+    "back; zstd (level 1): smallest (JPEG-scanned tissue ~1.2x smaller than raw, glass much "
+    "more) for ~55% more tiling CPU; lz4 (blosc): barely compresses tissue. Changing only "
+    "this keeps existing stores (same pixels); --overwrite re-encodes them. bench/tile.py "
+    "prints the size and speed of each.",
 )
 @click.option(
     "--clam-h5/--no-clam-h5",

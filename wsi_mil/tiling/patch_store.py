@@ -24,15 +24,16 @@ import zarr
 
 from wsi_mil import __version__
 from wsi_mil.batch import atomic_path
+from wsi_mil.config import TileConfig
 from wsi_mil.errors import StoreError
 
 REQUIRED_ATTRS = ("level", "downsample", "patch_size", "level0_width", "level0_height")
 
 #: pixel compressions by name, all lossless. Measured by bench/tile.py (JPEG-tiled synthetic
-#: H&E, 2 CPUs; decoded JPEG texture compresses poorly, glass much better):
-#: ``zstd`` (default, level 1): 1.19x smaller than raw, ~40 % more CPU than ``none``;
-#: ``lz4`` (blosc): 1.02x, ~20 % more CPU; ``none``: raw, fastest to write and read.
-COMPRESSIONS = ("zstd", "lz4", "none")
+#: H&E, 2 CPUs; decoded JPEG texture compresses poorly, glass much better): ``none``
+#: (default): raw, fastest to write and read; ``zstd`` (level 1): 1.19x smaller than raw,
+#: ~55 % more tiling CPU; ``lz4`` (blosc): 1.02x, ~25 % more CPU.
+COMPRESSIONS = ("none", "zstd", "lz4")
 ZSTD_LEVEL = 1
 
 
@@ -437,7 +438,7 @@ class PatchStoreWriter:
         self.attrs = {**attrs, "wsi_mil_version": __version__, "complete": False}
         self.with_pixels = pixels
         self.chunk_patches = chunk_patches
-        self.compressors = "zstd" if compressors == "auto" else compressors
+        self.compressors = TileConfig.compression if compressors == "auto" else compressors
         self.tissue = tissue
         self._ctx = atomic_path(self.final)
         self._committed = False

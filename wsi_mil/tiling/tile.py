@@ -15,7 +15,7 @@ import dataclasses
 import functools
 import logging
 import queue
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -189,8 +189,18 @@ def _tile_slide_in_worker(cfg: TileConfig, entry: Any) -> Path:
     return tile_slide(cfg, entry, pool=_worker_pool)
 
 
-def store_is_current(final: Path, fingerprint: dict | None, digest: str) -> bool:
-    """True when ``final`` is a complete store of the same slide file and parameters."""
+def current_digests(cfg: TileConfig) -> set[str]:
+    """Digests of stores that ``cfg`` takes as current: its own parameters under any of the
+    lossless compressions (the pixels are the same; ``--overwrite`` re-encodes a store)."""
+    params = tiling_params(cfg)
+    if not cfg.pixels:
+        return {params_digest(params)}
+    return {params_digest({**params, "compression": c}) for c in COMPRESSIONS}
+
+
+def store_is_current(final: Path, fingerprint: dict | None, digests: Collection[str]) -> bool:
+    """True when ``final`` is a complete store of the same slide file whose parameters digest
+    is one of ``digests`` (see :func:`current_digests`)."""
     if not final.exists():
         return False
     try:
@@ -206,7 +216,7 @@ def store_is_current(final: Path, fingerprint: dict | None, digest: str) -> bool
         # such empty stores are made again (stores with patches keep their masks)
         return False
     return (
-        store.attrs.get("params_digest") == digest
+        store.attrs.get("params_digest") in digests
         and store.attrs.get("slide_fingerprint") == fingerprint
     )
 
@@ -239,7 +249,17 @@ def tile_slide(
         if not held:
             log.info("%s: another process is writing %s; leaving it to that process", sid, final)
             raise Skip(sid)
-        if not cfg.overwrite and store_is_current(final, fingerprint, digest):
+        if not cfg.overwrite and store_is_current(final, fingerprint, current_digests(cfg)):
+            stored = PatchStore.open(final).attrs.get("compression")
+            if cfg.pixels and stored != cfg.compression:
+                log.info(
+                    "%s: keeping %s, whose pixels are stored with compression %s (the same "
+                    "pixels); --overwrite re-encodes it with %s",
+                    sid,
+                    final,
+                    stored,
+                    cfg.compression,
+                )
             if cfg.clam_h5 and not clam_h5_path(cfg.work, sid).exists():
                 write_clam_h5(PatchStore.open(final), clam_h5_path(cfg.work, sid), sid)
             raise Skip(sid)
