@@ -12,6 +12,7 @@ so a killed run never leaves a store that looks complete.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import threading
@@ -65,10 +66,30 @@ DIRECT_IO = hasattr(os, "O_DIRECT") and os.environ.get("WSI_MIL_DIRECT_IO", "1")
 IO_ALIGN = max(4096, mmap.PAGESIZE)
 
 
+#: buffers at least this large ask for transparent huge pages (2 MiB on x86-64)
+HUGE_PAGE_MIN_BYTES = 2 << 20
+
+
+def anonymous_pages(nbytes: int) -> np.ndarray:
+    """Fresh zeroed uint8 (nbytes,) array of private anonymous memory, page-aligned.
+
+    Private, not ``mmap.mmap(-1, n)``'s default MAP_SHARED: shared anonymous memory is shmem,
+    which faults in page by page and gets no huge pages (shmem_enabled is "never" on most
+    kernels). Buffers of several MiB are advised huge pages: a 9.6 MB chunk buffer then
+    faults in ~5 times instead of ~2,400, which made tiling a slide ~6 % faster on the
+    2-core CI VM (bench/tile.py).
+    """
+    flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
+    m = mmap.mmap(-1, max(nbytes, 1), flags=flags) if flags else mmap.mmap(-1, max(nbytes, 1))
+    if nbytes >= HUGE_PAGE_MIN_BYTES and hasattr(mmap, "MADV_HUGEPAGE"):
+        with contextlib.suppress(OSError):  # THP not built in: ordinary pages
+            m.madvise(mmap.MADV_HUGEPAGE)
+    return np.frombuffer(m, np.uint8, count=nbytes)
+
+
 def aligned_empty(shape: tuple[int, ...]) -> np.ndarray:
     """Uninitialised uint8 array of ``shape`` whose first byte is page-aligned (for O_DIRECT)."""
-    n = int(np.prod(shape))
-    return np.frombuffer(mmap.mmap(-1, max(n, 1)), np.uint8, count=n).reshape(shape)
+    return anonymous_pages(int(np.prod(shape))).reshape(shape)
 
 
 def _scratch_buffer(nbytes: int) -> np.ndarray:

@@ -21,7 +21,6 @@ coords-only stores and as the reference in tests.
 from __future__ import annotations
 
 import collections
-import mmap
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,6 +30,7 @@ import numpy as np
 
 from wsi_mil.batch import pool_workers
 from wsi_mil.slides.base import PAD_VALUE, Slide, TileGrid
+from wsi_mil.tiling.patch_store import anonymous_pages
 
 #: blocks are at least this many px wide/high (small native tiles are grouped)
 MIN_BLOCK_PX = 256
@@ -262,7 +262,7 @@ def tile_scratch(tile_h: int, tile_w: int) -> np.ndarray:
     buf = getattr(_scratch, "tile", None)
     if buf is None or buf.shape != shape:
         n = tile_h * tile_w * 3
-        raw = np.frombuffer(mmap.mmap(-1, n + DECODE_BUFFER_OFFSET), np.uint8)
+        raw = anonymous_pages(n + DECODE_BUFFER_OFFSET)
         buf = _scratch.tile = raw[DECODE_BUFFER_OFFSET:].reshape(shape)
     return buf
 
