@@ -12,6 +12,7 @@ Prints (the machine is shared, so RATIOS measured in one run are what counts):
 Each timing is the best of --repeat alternating runs.
 
     .venv/bin/python bench/extract.py [--n 768] [--patch-px 224] [--batch-size 64] [--device auto]
+                                      [--compression none|zstd|lz4]  (default: tile's default)
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from slide_factory import test_image  # noqa: E402
 
 from wsi_mil.batch import available_cpus  # noqa: E402
+from wsi_mil.config import TileConfig  # noqa: E402
 from wsi_mil.features import (  # noqa: E402
     PatchBatchLoader,
     create_encoder,
@@ -40,8 +42,8 @@ from wsi_mil.features import (  # noqa: E402
 from wsi_mil.tiling.patch_store import PatchStore, PatchStoreWriter  # noqa: E402
 
 
-def make_store(path: Path, n: int, patch_px: int, chunk: int) -> PatchStore:
-    """A pixel store of ``n`` patches cut from a structured test image (zarr default codec)."""
+def make_store(path: Path, n: int, patch_px: int, chunk: int, compression: str) -> PatchStore:
+    """A pixel store of ``n`` patches cut from a structured test image."""
     side = int(np.ceil(np.sqrt(n)))
     # test_image's cost grows with the square of its area: cut the patches from an image of
     # at most 8 x 8 patches, cycling (same pixel statistics, so the same decode cost)
@@ -58,7 +60,7 @@ def make_store(path: Path, n: int, patch_px: int, chunk: int) -> PatchStore:
         "mpp": 0.5,
         "slide_path": "",
     }
-    with PatchStoreWriter(path, xy, attrs, chunk_patches=chunk) as w:
+    with PatchStoreWriter(path, xy, attrs, chunk_patches=chunk, compressors=compression) as w:
         for s in range(0, n, chunk):
             w.write_pixels(
                 s,
@@ -78,6 +80,12 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1, help="reader threads of the full pipeline")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument(
+        "--compression",
+        default=TileConfig.compression,
+        choices=["none", "zstd", "lz4"],
+        help="pixel compression of the store read (default: wsi-mil tile's)",
+    )
     a = ap.parse_args()
     device = resolve_device(a.device)
     if device.type == "cpu":
@@ -87,7 +95,7 @@ def main() -> None:
     cuda = device.type == "cuda"
 
     with tempfile.TemporaryDirectory() as d:
-        store = make_store(Path(d) / "bench.zarr", a.n, a.patch_px, chunk=64)
+        store = make_store(Path(d) / "bench.zarr", a.n, a.patch_px, 64, a.compression)
         pix = store.pixels(0, a.n)
         tensors = [
             preprocess(pix[s : s + a.batch_size], info, device=device).contiguous(
@@ -143,7 +151,8 @@ def main() -> None:
             else f"cpu x{torch.get_num_threads()} threads"
         )
         print(
-            f"device: {dev_name}; {a.n} patches of {a.patch_px}px, batch {a.batch_size}, encoder {info.tag}, best of {a.repeat}"
+            f"device: {dev_name}; {a.n} patches of {a.patch_px}px ({a.compression} store), "
+            f"batch {a.batch_size}, encoder {info.tag}, best of {a.repeat}"
         )
         print(f"encoder only (tensors in memory):            {enc:9.1f} patches/s")
         print(f"full extraction, {a.workers} reader thread(s):       {ful:9.1f} patches/s")

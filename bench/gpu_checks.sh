@@ -36,4 +36,4 @@ step gpu_tests 80 $PY -m pytest -q -m gpu -p no:cacheprovider tests/train/test_c
 step e2e_gpu_smoke 260 $PY -m wsi_mil run --config configs/e2e-gpu-smoke.yaml
 step e2e_memory_cuda 120 $PY bench/e2e_memory.py --device cuda --patch-px 224 --width 64 \
   --chunk-size 512 --sizes 1000,10000,100000 --naive-max 10000 --repeats 1
-step extract_cuda 50 $PY bench/extract.py --device cuda --n 8192 --batch-size 256 --workers 8
+step extract_cuda 50 $PY bench/extract.py --device cuda --n 8192 --batch-size 256 --workers 8 --compression zstd
