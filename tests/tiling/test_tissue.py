@@ -280,3 +280,46 @@ def test_sparse_cells_under_one_percent_are_found():
     assert truth.mean() < 0.01
     mask = tissue_mask(rgb)
     assert (mask & truth).sum() / truth.sum() > 0.9 and (mask & ~truth).sum() < truth.sum()
+
+
+def test_fill_holes_up_to_a_size() -> None:
+    from wsi_mil.tiling.tissue import fill_holes
+
+    m = np.ones((20, 30), bool)
+    m[2:4, 2:4] = False  # a 4 px hole
+    m[8:18, 5:25] = False  # a 200 px hole
+    got = fill_holes(m, max_hole_px=50)
+    assert got[2:4, 2:4].all() and not got[8:18, 5:25].any()
+    np.testing.assert_array_equal(fill_holes(m, max_hole_px=201), fill_holes(m))
+
+
+def test_field_enclosed_by_fluorescent_cells_stays_background():
+    """A ring of touching bright cells around an empty dark field (a quarter of the image)
+    must not turn that field into tissue, as hole filling does in brightfield; the dim
+    middle of a ring-shaped cell is still filled."""
+    rng = np.random.default_rng(3)
+    h, w = 400, 400
+    yy, xx = np.mgrid[:h, :w]
+    r = np.hypot(yy - 200, xx - 200)
+    network = (r > 110) & (r < 130)  # connected band of cells around an empty field
+    cell = np.hypot(yy - 40, xx - 40)
+    ring_cell = (cell > 3) & (cell < 12)  # a cell whose middle is dim
+    level = 6 + rng.normal(0, 2, (h, w)) + 90 * (network | ring_cell)
+    mask = tissue_mask(_gray_rgb(level))
+    enclosed = r < 100
+    assert (mask & enclosed).sum() < 0.01 * enclosed.sum()
+    assert (mask & network).sum() > 0.95 * network.sum()
+    assert mask[40, 40]  # the small hole is filled
+
+
+def test_brightfield_tissue_keeps_its_large_holes_filled():
+    """H&E: a lumen inside tissue is tissue (unchanged by the dark-background rule)."""
+    rng = np.random.default_rng(4)
+    h, w = 400, 400
+    yy, xx = np.mgrid[:h, :w]
+    r = np.hypot(yy - 200, xx - 200)
+    tissue = (r > 60) & (r < 150)  # tissue with a large lumen
+    img = np.full((h, w, 3), 235.0) + rng.normal(0, 2, (h, w, 3))
+    img[tissue] = [200, 110, 170]
+    mask = tissue_mask(np.clip(img, 0, 255).astype(np.uint8))
+    assert mask[r < 50].all()

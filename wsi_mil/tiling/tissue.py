@@ -38,6 +38,9 @@ GLASS_FRACTION = 0.1
 DARK_BACKGROUND = 64
 #: connected tissue pieces smaller than this fraction of the thumbnail are dropped
 MIN_OBJECT_FRACTION = 1e-4
+#: dark background: only holes smaller than this fraction of the thumbnail are filled (the
+#: dim middle of a cell); a larger field that cells enclose is background, not tissue
+MAX_DARK_HOLE_FRACTION = 5e-4
 
 
 def _saturation_lut() -> np.ndarray:
@@ -94,23 +97,29 @@ def foreground_score(thumb_rgb: np.ndarray) -> tuple[np.ndarray, int]:
       background, i.e. the 95th percentile minus the pixel, and 0 on pure black (a fill,
       never tissue); floor :data:`MIN_CONTRAST`.
     """
+    score, floor, _ = _score(thumb_rgb)
+    return score, floor
+
+
+def _score(thumb_rgb: np.ndarray) -> tuple[np.ndarray, int, bool]:
+    """:func:`foreground_score` plus whether the image has a dark background."""
     rgb = np.asarray(thumb_rgb, np.uint8)
     mx, chroma = _max_chroma(rgb)
     n = mx.size
     if n == 0:
-        return mx, MIN_SATURATION
+        return mx, MIN_SATURATION, False
     glass = np.count_nonzero((mx >= 180) & (chroma <= GRAY_CHROMA))
     if _percentile_u8(mx, 50) < DARK_BACKGROUND and glass < GLASS_FRACTION * n:
         score = np.clip(mx.astype(np.int16) - _percentile_u8(mx, 5), 0, 255).astype(np.uint8)
         # much brighter cells (often the very signal a label is about, and any share of the
         # image) must not pull Otsu's threshold up and drop the dim ones: the score saturates
         # at DARK_SCORE_CAP, so the mask marks "clearly above the background", not brightness
-        return np.minimum(score, DARK_SCORE_CAP), MIN_CONTRAST
+        return np.minimum(score, DARK_SCORE_CAP), MIN_CONTRAST, True
     if np.count_nonzero(chroma > 2 * GRAY_CHROMA) >= max(4, MIN_OBJECT_FRACTION * n):
-        return _saturation_of(mx, chroma), MIN_SATURATION
+        return _saturation_of(mx, chroma), MIN_SATURATION, False
     score = np.clip(_percentile_u8(mx, 95) - mx.astype(np.int16), 0, 255)
     score[mx == 0] = 0
-    return score.astype(np.uint8), MIN_CONTRAST
+    return score.astype(np.uint8), MIN_CONTRAST, False
 
 
 def otsu_threshold(values: np.ndarray) -> int:
@@ -141,7 +150,7 @@ def tissue_mask(thumb_rgb: np.ndarray, method: str = "otsu") -> np.ndarray:
     h, w = thumb_rgb.shape[:2]
     if method == "none":
         return np.ones((h, w), bool)
-    score, floor = foreground_score(thumb_rgb)
+    score, floor, dark = _score(thumb_rgb)
     score = mean_filter(score, 5)
     thr = max(otsu_threshold(score), floor)
     mask = (score >= thr).astype(np.uint8)
@@ -149,7 +158,10 @@ def tissue_mask(thumb_rgb: np.ndarray, method: str = "otsu") -> np.ndarray:
     # pieces; max/min filters of a square are separable, so this stays fast at 2048 px
     k = 2 * max(1, round(min(h, w) / 400)) + 1
     mask = min_filter(max_filter(mask, k), k)
-    mask = fill_holes(mask.astype(bool)).astype(np.uint8)
+    # brightfield: holes in tissue (lumens, fat, tears) are tissue; on a dark background
+    # only small ones are (see MAX_DARK_HOLE_FRACTION)
+    max_hole_px = max(16, int(MAX_DARK_HOLE_FRACTION * h * w)) if dark else None
+    mask = fill_holes(mask.astype(bool), max_hole_px).astype(np.uint8)
     mask = max_filter(min_filter(mask, 3), 3)
     return remove_small_objects(mask.astype(bool), max(4, int(MIN_OBJECT_FRACTION * h * w)))
 
@@ -211,14 +223,17 @@ def mean_filter(x: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
-def fill_holes(mask: np.ndarray) -> np.ndarray:
+def fill_holes(mask: np.ndarray, max_hole_px: int | None = None) -> np.ndarray:
     """``scipy.ndimage.binary_fill_holes(mask)`` (4-connected background), 2x faster: one
-    labelling of the background; pieces of it that do not touch the border are holes."""
+    labelling of the background; pieces of it that do not touch the border are holes.
+    ``max_hole_px``: fill only holes smaller than this many pixels (None: every hole)."""
     lab, n = ndi.label(~mask)
     if n == 0:
         return mask.copy()
     outside = np.zeros(n + 1, bool)
     outside[np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]])] = True
+    if max_hole_px is not None:
+        outside |= np.bincount(lab.ravel(), minlength=n + 1) >= max_hole_px
     outside[0] = False  # label 0 is the foreground
     return ~outside[lab]
 
