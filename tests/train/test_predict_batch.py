@@ -4,6 +4,7 @@ a bad slide is recorded and the others finish; real HDF5 stores, real CLI subpro
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import h5py
@@ -249,3 +250,151 @@ def test_a_slide_without_patches_is_a_warning_not_a_failure(trained, tmp_path):
     assert out.batch.exit_code == 0 and "no tissue" in out.batch.warnings["blank"]
     assert "blank" not in set(pd.read_csv(run / "predictions.csv").slide_id)
     assert not (run / "attention" / "blank.h5").exists()
+
+
+def _write_rows(table: Path, rows: list[dict[str, str]]) -> None:
+    with open(table, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _no_scoring(monkeypatch) -> None:
+    """Make any scoring fail: a test that calls this afterwards asserts pure skips."""
+    import wsi_mil.train.predict as pred
+
+    def boom(*a, **k):
+        raise AssertionError("a slide was scored again")
+
+    monkeypatch.setattr(pred, "predict_bag", boom)
+
+
+def _attrs(path: Path) -> dict:
+    with h5py.File(path, "r") as f:
+        return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
+
+
+def test_label_and_split_edits_update_attention_files_without_scoring_again(
+    trained, tmp_path, monkeypatch
+):
+    """Editing labels or splits in the slide table changes no probability: the rerun scores
+    nothing (end to end it would re-encode every patch), rewrites only the edited slides'
+    attrs, and the tables use the new labels and splits."""
+    run, feats, table = _fresh(trained, tmp_path)
+    out = tmp_path / "cohort"  # --out-dir: the table's splits count, not the run's splits.csv
+    rows = list(csv.DictReader(open(table)))
+    for r in rows:
+        r["split"] = "test"
+    _write_rows(table, rows)
+    cfg = _cfg(tmp_path, run, feats, out_dir=out)
+    assert len(predict_slides(cfg, read_slide_table(table), progress=False).batch.done) == 12
+    probs = pd.read_csv(out / "predictions.csv").set_index("slide_id")["prob"]
+    before = {p: _attrs(out / "attention" / f"{p}.h5") for p in ("bag001", "bag002")}
+
+    new_label = 1 - int(rows[1]["label"])
+    rows[1]["label"] = str(new_label)
+    rows[2]["split"] = "val"
+    _write_rows(table, rows)
+    times = _mtimes(out)
+    _no_scoring(monkeypatch)
+    again = predict_slides(cfg, read_slide_table(table), progress=False)
+    assert not again.batch.done and len(again.batch.skipped) == 12 and not again.batch.failed
+    now = _mtimes(out)
+    assert {p for p in now if now[p] != times[p]} == {"bag001.h5", "bag002.h5"}
+    a1, a2 = _attrs(out / "attention" / "bag001.h5"), _attrs(out / "attention" / "bag002.h5")
+    assert a1["label"] == new_label and a1["split"] == "test"
+    assert a2["split"] == "val" and a2["label"] == before["bag002"]["label"]
+    for sid, a in (("bag001", a1), ("bag002", a2)):
+        assert a["prob"] == before[sid]["prob"] and a["inputs"] == before[sid]["inputs"]
+        assert "label" not in json.loads(a["inputs"]) and "split" not in json.loads(a["inputs"])
+    with h5py.File(out / "attention" / "bag001.h5") as f:  # datasets survive the update
+        assert f["attention"].shape == f["coords"].shape[:1] and len(f["coords"]) > 0
+    preds = pd.read_csv(out / "predictions.csv", keep_default_na=False).set_index("slide_id")
+    assert preds.loc["bag001", "label"] == new_label and preds.loc["bag002", "split"] == "val"
+    assert np.allclose(preds["prob"], probs.loc[preds.index], atol=1e-6)
+    assert again.metrics["splits"]["val"]["n"] == 1 and again.metrics["splits"]["test"]["n"] == 11
+    assert not list((out / "attention").glob(".*"))  # no temporary copies left
+
+    times = _mtimes(out)  # a third call has nothing to update
+    assert len(predict_slides(cfg, read_slide_table(table), progress=False).batch.skipped) == 12
+    assert _mtimes(out) == times
+
+
+def test_attention_files_of_the_previous_version_stay_current(trained, tmp_path, monkeypatch):
+    """Files whose ``inputs`` still hold label and split (written before they left the key)
+    are current when checkpoint and store are unchanged, even after a label edit."""
+    run, feats, table = _fresh(trained, tmp_path)
+    entries = read_slide_table(table)
+    predict_slides(_cfg(tmp_path, run, feats), entries, progress=False)
+    for e in entries:  # what the previous version wrote
+        with h5py.File(run / "attention" / f"{e.slide_id}.h5", "r+") as f:
+            inputs = json.loads(f.attrs["inputs"])
+            assert set(inputs) == {"model", "input"}
+            inputs.update(label=e.label, split=str(f.attrs["split"]))
+            f.attrs["inputs"] = json.dumps(inputs, sort_keys=True)
+    times = _mtimes(run)
+    _no_scoring(monkeypatch)
+    again = predict_slides(_cfg(tmp_path, run, feats), entries, progress=False)
+    assert len(again.batch.skipped) == 12 and _mtimes(run) == times  # nothing rewritten
+
+    rows = list(csv.DictReader(open(table)))
+    rows[3]["label"] = str(1 - int(rows[3]["label"]))
+    _write_rows(table, rows)
+    third = predict_slides(_cfg(tmp_path, run, feats), read_slide_table(table), progress=False)
+    assert len(third.batch.skipped) == 12
+    now = _mtimes(run)
+    assert {p for p in now if now[p] != times[p]} == {"bag003.h5"}
+    a = _attrs(run / "attention" / "bag003.h5")
+    assert a["label"] == int(rows[3]["label"])
+    assert set(json.loads(a["inputs"])) == {"model", "input"}  # migrated on the way
+
+
+def test_a_moved_slide_updates_the_recorded_slide_path_without_scoring_again(
+    trained, tmp_path, monkeypatch
+):
+    """heatmap draws the background from the attention file's slide_path: a slide table
+    that points elsewhere now updates it (it used to keep the old path)."""
+    run, feats, table = _fresh(trained, tmp_path)
+    rows = list(csv.DictReader(open(table)))
+    rows[0]["path"] = "old/x.tiff"
+    _write_rows(table, rows)
+    predict_slides(_cfg(tmp_path, run, feats), read_slide_table(table), progress=False)
+    sid = rows[0]["slide_id"]
+    assert _attrs(run / "attention" / f"{sid}.h5")["slide_path"] == str(
+        tmp_path.resolve() / "old" / "x.tiff"
+    )
+    rows[0]["path"] = "new/x.tiff"
+    _write_rows(table, rows)
+    times = _mtimes(run)
+    _no_scoring(monkeypatch)
+    again = predict_slides(_cfg(tmp_path, run, feats), read_slide_table(table), progress=False)
+    assert len(again.batch.skipped) == 12
+    now = _mtimes(run)
+    assert {p for p in now if now[p] != times[p]} == {f"{sid}.h5"}
+    assert _attrs(run / "attention" / f"{sid}.h5")["slide_path"] == str(
+        tmp_path.resolve() / "new" / "x.tiff"
+    )
+    # an empty path in the table keeps what the file records
+    rows[0]["path"] = ""
+    _write_rows(table, rows)
+    predict_slides(_cfg(tmp_path, run, feats), read_slide_table(table), progress=False)
+    assert _attrs(run / "attention" / f"{sid}.h5")["slide_path"].endswith("new/x.tiff")
+
+
+def test_an_attr_update_that_fails_leaves_the_old_file(tmp_path):
+    """The update goes through a renamed copy: a failure midway leaves the old file whole."""
+    from wsi_mil.train.predict import _update_attrs
+
+    p = tmp_path / "a.h5"
+    with h5py.File(p, "w") as f:
+        f["coords"] = np.zeros((3, 2), np.int64)
+        f["attention"] = np.ones(3, np.float32) / 3
+        f.attrs["label"] = 0
+        f.attrs["split"] = "train"
+    data = p.read_bytes()
+    with pytest.raises(TypeError):  # the label is set, then the split cannot be stored
+        _update_attrs(p, {"label": 1, "split": object()})
+    assert p.read_bytes() == data and list(tmp_path.iterdir()) == [p]
+    _update_attrs(p, {"label": 1, "split": "val"})
+    assert _attrs(p) == {"label": 1, "split": "val"}
+    assert list(tmp_path.iterdir()) == [p]

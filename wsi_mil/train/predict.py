@@ -8,6 +8,11 @@ Writes into the run folder ``R/``: ``predictions.csv`` (slide_id,label,prob,spli
 A per-slide stage like tile and extract: slides whose attention file is current are not
 scored again, ``--shard I/N`` scores a share of the slides, and a failing slide is
 recorded in ``W/failures.csv`` while the others finish (:func:`predict_slides`).
+
+An attention file is current when its probability was computed from the same checkpoint
+and feature (or, end to end, patch) store: its JSON attr ``inputs``. The attrs that only
+describe the slide (``label``, ``split``, ``slide_path``) follow the slide table without
+scoring again: a rerun rewrites them in a copy renamed over the file.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +61,9 @@ from wsi_mil.train.metrics import binary_metrics
 log = logging.getLogger(__name__)
 
 PRED_COLUMNS = ["slide_id", "label", "prob", "split"]
+#: keys that attention files of earlier versions recorded in ``inputs`` although they do not
+#: change the probability; ignored when deciding whether a file is current
+LEGACY_INPUT_KEYS = ("label", "split")
 #: a slide where tile found no tissue (and warned): nothing to score, as training leaves it out
 NO_PATCHES = "no patches (no tissue found): not scored"
 
@@ -207,10 +216,12 @@ def predict_slides(
     ``predictions.csv``, ``metrics.json`` and ``plots/roc.png`` over all of them; all in
     ``cfg.out_dir`` (default: the run folder ``R``).
 
-    A slide whose attention file is complete and was made from the same checkpoint, feature
-    (or patch) store, label and split is not scored again: its probability is read back.
-    So shards of a job array score the slides, and one unsharded call afterwards collects
-    the tables in seconds. A slide that fails is logged in ``W/failures.csv``; the others go on.
+    A slide whose attention file is complete and was made from the same checkpoint and
+    feature (or patch) store is not scored again: its probability is read back, and its
+    label, split and slide path attrs are brought up to date with the slide table if they
+    differ (no re-scoring, no re-encoding of patches). So shards of a job array score the
+    slides, and one unsharded call afterwards collects the tables in seconds. A slide that
+    fails is logged in ``W/failures.csv``; the others go on.
     """
     run = Path(cfg.run)
     run_cfg = read_run_config(run)
@@ -285,14 +296,21 @@ def predict_slides(
         mine = [e for e in mine if e.slide_id in stores]
 
     def inputs_of(entry: SlideEntry) -> dict[str, Any]:
+        """What the probability is computed from: the checkpoint (head, and the encoder of
+        an e2e run) and the slide's feature store, or its patch store end to end. Not the
+        label, split or slide path: they change no probability (see :func:`slide_attrs`)."""
         store = stores[entry.slide_id]
         # a patch store's root zarr.json is rewritten whenever the store is rebuilt
         fp = file_fingerprint(store / "zarr.json" if e2e else store) if store.exists() else None
+        return {"model": model_id, "input": {"path": str(store.resolve()), **(fp or {})}}
+
+    def slide_attrs(entry: SlideEntry) -> dict[str, Any]:
+        """The attention file's attrs that describe the slide; a rerun updates them in place
+        of a current file. None: leave the recorded value (no slide path in the table)."""
         return {
-            "model": model_id,
-            "input": {"path": str(store.resolve()), **(fp or {})},
-            "label": entry.label,
-            "split": split_of.get(entry.slide_id, ""),
+            "label": -1 if entry.label is None else int(entry.label),
+            "split": split_of.get(entry.slide_id, "") or "",
+            "slide_path": str(Path(entry.path).resolve()) if entry.path else None,
         }
 
     probs: dict[str, float] = {}
@@ -313,8 +331,17 @@ def predict_slides(
         inputs = inputs_of(entry)
         if cfg.attention:
             if not cfg.overwrite:
-                prob = _current_prob(out, inputs)
-                if prob is not None:
+                current = _read_current(out, inputs)
+                if current is not None:
+                    prob, recorded = current
+                    changes = _changed_attrs(recorded, slide_attrs(entry))
+                    if changes:
+                        log.info(
+                            "%s: probability current, updating %s", sid, ", ".join(sorted(changes))
+                        )
+                        _update_attrs(
+                            out, {**changes, "inputs": json.dumps(inputs, sort_keys=True)}
+                        )
                     probs[sid] = prob
                     raise Skip(sid)
             # an outdated file must not outlive a failure below (heatmap draws every file)
@@ -334,7 +361,7 @@ def predict_slides(
         _check_bag_fits(model, bag)
         prob, att = predict_bag(model, bag, device)
         if cfg.attention:
-            write_attention(out, bag, att, prob, inputs["split"], entry=entry, inputs=inputs)
+            write_attention(out, bag, att, prob, split_of.get(sid, ""), entry=entry, inputs=inputs)
         probs[sid] = prob
 
     log.info("predict: %d slides (shard %d/%d) with %s", len(mine), shard[0], shard[1], ck_path)
@@ -431,17 +458,51 @@ def _check_folder_fits(model: PositionalAttentionMIL, store: Path) -> None:
     # no coords here may still mean coords next door (CLAM pt_files + h5): not decided here
 
 
-def _current_prob(path: Path, inputs: dict[str, Any]) -> float | None:
-    """The probability recorded in attention file ``path`` if it was made from ``inputs``."""
+def _attr_value(v: Any) -> Any:
+    """An HDF5 attr as a plain Python value (str, int, float, bool)."""
+    if isinstance(v, bytes):
+        return v.decode()
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def _read_current(path: Path, inputs: dict[str, Any]) -> tuple[float, dict[str, Any]] | None:
+    """(probability, attrs) of attention file ``path`` if its probability was computed from
+    ``inputs``, else None. Files of earlier versions also recorded the slide's label and
+    split in ``inputs``; those keys are left out of the comparison."""
     if not path.is_file():
         return None
     try:
         with h5py.File(path, "r") as f:
-            if json.loads(str(f.attrs.get("inputs", "null"))) != json.loads(json.dumps(inputs)):
+            recorded = json.loads(str(_attr_value(f.attrs.get("inputs", "null"))))
+            if isinstance(recorded, dict):
+                recorded = {k: v for k, v in recorded.items() if k not in LEGACY_INPUT_KEYS}
+            if recorded != json.loads(json.dumps(inputs)):
                 return None
-            return float(f.attrs["prob"])
-    except (OSError, KeyError, ValueError):  # unreadable or from an older version: redo it
+            if not ("coords" in f and "attention" in f):
+                return None
+            attrs = {k: _attr_value(f.attrs[k]) for k in f.attrs}
+            return float(attrs["prob"]), attrs
+    except (OSError, KeyError, ValueError, TypeError):  # unreadable or too old: redo it
         return None
+
+
+def _changed_attrs(recorded: dict[str, Any], wanted: dict[str, Any]) -> dict[str, Any]:
+    """The entries of ``wanted`` whose value differs from ``recorded`` (None in ``wanted``:
+    keep what is recorded)."""
+    return {k: v for k, v in wanted.items() if v is not None and recorded.get(k) != v}
+
+
+def _update_attrs(path: Path, attrs: dict[str, Any]) -> None:
+    """Set ``attrs`` on attention file ``path`` without scoring again. A copy is changed and
+    renamed over the file (the file is small: N coords and weights), so a crash leaves the
+    old file or the new one, never one half updated; the caller holds its output lock."""
+    with atomic_path(path) as tmp:
+        shutil.copyfile(path, tmp)
+        with h5py.File(tmp, "r+") as f:
+            for k, v in attrs.items():
+                f.attrs[k] = v
 
 
 def _plot_roc(out_dir: Path, rows: Sequence[dict[str, Any]]) -> None:
