@@ -107,7 +107,7 @@ def test_skip_current_rebuild_on_change(tmp_path, cli, make_slide):
 
 def test_changing_only_the_compression_keeps_the_store_until_overwrite(tmp_path, cli, make_slide):
     """Compressions are lossless: a store made with another one holds the same pixels, so a
-    rerun with a new --compression (or a new default) keeps it; --overwrite re-encodes it."""
+    rerun with a new --compression (or a new default) keeps it; --overwrite rebuilds it."""
     slide = make_slide("a", "tissue", 512, 640)
     work = tmp_path / "w"
     args = ("tile", str(slide), "--work", str(work), "--patch-size", "64")
@@ -116,9 +116,10 @@ def test_changing_only_the_compression_keeps_the_store_until_overwrite(tmp_path,
     store = work / "patches" / "a.zarr"
     zstd_pixels = PatchStore.open(store).pixels(0, len(PatchStore.open(store)))
     mtime = (store / "zarr.json").stat().st_mtime_ns
-    r = cli(*args)  # the default, none
+    r = cli("-v", *args)  # the default, none; -v shows why the store is kept
     assert r.returncode == 0 and "1 up to date" in r.stderr, r.stderr
     assert "compression zstd" in r.stderr and "--overwrite" in r.stderr, r.stderr
+    assert "compression zstd" not in cli(*args).stderr  # not at the default verbosity
     assert (store / "zarr.json").stat().st_mtime_ns == mtime
     r = cli("-q", *args, "--overwrite")
     assert r.returncode == 0, r.stderr

@@ -126,8 +126,8 @@ from wsi_mil.config import TileConfig
     show_default=True,
     help="Pixel compression, all lossless. none: raw pixels, fastest to write and to read "
     "back; zstd (level 1): smallest (JPEG-scanned tissue ~1.2x smaller than raw, glass much "
-    "more) for ~55% more tiling CPU; lz4 (blosc): barely compresses tissue. Changing only "
-    "this keeps existing stores (same pixels); --overwrite re-encodes them. bench/tile.py "
+    "more) for ~45% more tiling CPU; lz4 (blosc): barely compresses tissue. Changing only "
+    "this keeps existing stores (same pixels); --overwrite rebuilds them. bench/tile.py "
     "prints the size and speed of each.",
 )
 @click.option(
@@ -159,7 +159,6 @@ from wsi_mil.config import TileConfig
 def command(
     slide_paths: tuple[str, ...], slides_csv: str | None, shard: str | None, backend: str, **kw: Any
 ) -> None:
-    from wsi_mil.config import TileConfig
     from wsi_mil.tiling import tile_slides
 
     run_slide_stage(TileConfig, tile_slides, slides_csv, slide_paths, shard, backend, kw)

@@ -33,7 +33,7 @@ REQUIRED_ATTRS = ("level", "downsample", "patch_size", "level0_width", "level0_h
 #: pixel compressions by name, all lossless. Measured by bench/tile.py (JPEG-tiled synthetic
 #: H&E, 2 CPUs; decoded JPEG texture compresses poorly, glass much better): ``none``
 #: (default): raw, fastest to write and read; ``zstd`` (level 1): 1.19x smaller than raw,
-#: ~55 % more tiling CPU; ``lz4`` (blosc): 1.02x, ~25 % more CPU.
+#: ~45 % more tiling CPU; ``lz4`` (blosc): 1.02x, ~15-20 % more CPU.
 COMPRESSIONS = ("none", "zstd", "lz4")
 ZSTD_LEVEL = 1
 
@@ -66,29 +66,33 @@ DIRECT_IO = hasattr(os, "O_DIRECT") and os.environ.get("WSI_MIL_DIRECT_IO", "1")
 IO_ALIGN = max(4096, mmap.PAGESIZE)
 
 
-#: buffers at least this large ask for transparent huge pages (2 MiB on x86-64)
+#: buffers at least this large ask for transparent huge pages (2 MiB on x86-64);
+#: WSI_MIL_HUGE_PAGES=0 turns that off (e.g. where compaction stalls on a fragmented node)
 HUGE_PAGE_MIN_BYTES = 2 << 20
+HUGE_PAGES = os.environ.get("WSI_MIL_HUGE_PAGES", "1") != "0"
 
 
 def anonymous_pages(nbytes: int) -> np.ndarray:
-    """Fresh zeroed uint8 (nbytes,) array of private anonymous memory, page-aligned.
+    """New uint8 (nbytes,) array of private anonymous memory, page-aligned (zero-filled, as
+    fresh pages are).
 
     Private, not ``mmap.mmap(-1, n)``'s default MAP_SHARED: shared anonymous memory is shmem,
     which faults in page by page and gets no huge pages (shmem_enabled is "never" on most
     kernels). Buffers of several MiB are advised huge pages: a 9.6 MB chunk buffer then
-    faults in ~5 times instead of ~2,400, which made tiling a slide ~6 % faster on the
+    faults in ~5 times instead of ~2,400, which made tiling a slide 6-9 % faster on the
     2-core CI VM (bench/tile.py).
     """
     flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
     m = mmap.mmap(-1, max(nbytes, 1), flags=flags) if flags else mmap.mmap(-1, max(nbytes, 1))
-    if nbytes >= HUGE_PAGE_MIN_BYTES and hasattr(mmap, "MADV_HUGEPAGE"):
+    if HUGE_PAGES and nbytes >= HUGE_PAGE_MIN_BYTES and hasattr(mmap, "MADV_HUGEPAGE"):
         with contextlib.suppress(OSError):  # THP not built in: ordinary pages
             m.madvise(mmap.MADV_HUGEPAGE)
     return np.frombuffer(m, np.uint8, count=nbytes)
 
 
 def aligned_empty(shape: tuple[int, ...]) -> np.ndarray:
-    """Uninitialised uint8 array of ``shape`` whose first byte is page-aligned (for O_DIRECT)."""
+    """uint8 array of ``shape`` (contents unspecified) whose first byte is page-aligned (for
+    O_DIRECT)."""
     return anonymous_pages(int(np.prod(shape))).reshape(shape)
 
 

@@ -191,22 +191,26 @@ def _tile_slide_in_worker(cfg: TileConfig, entry: Any) -> Path:
 
 def current_digests(cfg: TileConfig) -> set[str]:
     """Digests of stores that ``cfg`` takes as current: its own parameters under any of the
-    lossless compressions (the pixels are the same; ``--overwrite`` re-encodes a store)."""
+    lossless compressions (the pixels are the same; ``--overwrite`` rebuilds such a store)."""
     params = tiling_params(cfg)
     if not cfg.pixels:
         return {params_digest(params)}
     return {params_digest({**params, "compression": c}) for c in COMPRESSIONS}
 
 
-def store_is_current(final: Path, fingerprint: dict | None, digests: Collection[str]) -> bool:
-    """True when ``final`` is a complete store of the same slide file whose parameters digest
-    is one of ``digests`` (see :func:`current_digests`)."""
+def current_store(
+    final: Path, fingerprint: dict | None, digests: Collection[str]
+) -> PatchStore | None:
+    """The store at ``final`` if it is complete, of the same slide file, and its parameters
+    digest is one of ``digests`` (see :func:`current_digests`); else None."""
+    if isinstance(digests, str):
+        digests = {digests}
     if not final.exists():
-        return False
+        return None
     try:
         store = PatchStore.open(final)
     except StoreError:
-        return False
+        return None
     if (
         len(store) == 0
         and store.attrs.get("tissue_method") == "otsu"
@@ -214,11 +218,12 @@ def store_is_current(final: Path, fingerprint: dict | None, digests: Collection[
     ):
         # tissue scores before TISSUE_SCORES found nothing in grey and fluorescence images:
         # such empty stores are made again (stores with patches keep their masks)
-        return False
-    return (
+        return None
+    current = (
         store.attrs.get("params_digest") in digests
         and store.attrs.get("slide_fingerprint") == fingerprint
     )
+    return store if current else None
 
 
 def tile_slide(
@@ -249,19 +254,20 @@ def tile_slide(
         if not held:
             log.info("%s: another process is writing %s; leaving it to that process", sid, final)
             raise Skip(sid)
-        if not cfg.overwrite and store_is_current(final, fingerprint, current_digests(cfg)):
-            stored = PatchStore.open(final).attrs.get("compression")
-            if cfg.pixels and stored != cfg.compression:
-                log.info(
+        store = None if cfg.overwrite else current_store(final, fingerprint, current_digests(cfg))
+        if store is not None:
+            stored = store.attrs.get("compression")
+            if cfg.pixels and len(store) and stored != cfg.compression:
+                log.debug(
                     "%s: keeping %s, whose pixels are stored with compression %s (the same "
-                    "pixels); --overwrite re-encodes it with %s",
+                    "pixels); --overwrite rebuilds it with %s",
                     sid,
                     final,
                     stored,
                     cfg.compression,
                 )
             if cfg.clam_h5 and not clam_h5_path(cfg.work, sid).exists():
-                write_clam_h5(PatchStore.open(final), clam_h5_path(cfg.work, sid), sid)
+                write_clam_h5(store, clam_h5_path(cfg.work, sid), sid)
             raise Skip(sid)
         remove_stale_tmps(final)
         with open_slide(

@@ -353,6 +353,10 @@ class TiffSlide(Slide):
         return [(lv.width, lv.height) for lv in self._levels]
 
     @property
+    def level_count(self) -> int:
+        return len(self._levels)  # checked on every tile read: no list of dimensions
+
+    @property
     def native_mpp(self) -> float | None:
         return self._native_mpp
 
