@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import imagecodecs
 import numpy as np
 import pytest
 import tifffile
@@ -52,13 +53,16 @@ def _write(kind: str, path: Path, a: np.ndarray) -> Path:
                 }
             ],
         }
+    elif kind == "png-rgb":  # 16-bit RGB PNG (Pillow alone reads only its high bytes)
+        path.write_bytes(imagecodecs.png_encode(np.repeat(a[..., None], 3, axis=2)))
     else:
         Image.fromarray(a).save(path)  # 16-bit grey PNG
     return path
 
 
 @pytest.mark.parametrize(
-    ("kind", "name"), [("ome-tiff", "a.ome.tif"), ("zarr", "a.ome.zarr"), ("png", "a.png")]
+    ("kind", "name"),
+    [("ome-tiff", "a.ome.tif"), ("zarr", "a.ome.zarr"), ("png", "a.png"), ("png-rgb", "c.png")],
 )
 def test_open_slide_maps_the_top_significant_bits(tmp_path, kind, name):
     a = _twelve_bit()
@@ -123,7 +127,8 @@ def test_coords_only_store_is_read_back_with_the_recorded_bits(tmp_path, cli):
 
 
 @pytest.mark.parametrize(
-    ("kind", "name"), [("ome-tiff", "b.ome.tif"), ("zarr", "b.ome.zarr"), ("png", "b.png")]
+    ("kind", "name"),
+    [("ome-tiff", "b.ome.tif"), ("zarr", "b.ome.zarr"), ("png", "b.png"), ("png-rgb", "d.png")],
 )
 def test_more_bits_than_stored_means_the_stored_width(tmp_path, kind, name):
     """24 significant bits in uint16: every backend keeps the stored 16 (not all black)."""
