@@ -398,3 +398,47 @@ def test_an_attr_update_that_fails_leaves_the_old_file(tmp_path):
     _update_attrs(p, {"label": 1, "split": "val"})
     assert _attrs(p) == {"label": 1, "split": "val"}
     assert list(tmp_path.iterdir()) == [p]
+
+
+def test_e2e_label_edit_encodes_no_patch_again(tmp_path, monkeypatch):
+    """End to end a rescore re-encodes every patch: a label edit must not cause one. The
+    patch store's significant_bits reach the attention file (heatmap's background)."""
+    import dataclasses
+
+    from wsi_mil.config import ModelConfig
+    from wsi_mil.slides.table import SlideEntry
+    from wsi_mil.tiling.patch_store import PatchStoreWriter
+    from wsi_mil.train.e2e import E2EEncoder
+
+    rng = np.random.default_rng(0)
+    p, grid = 32, 3
+    coords = np.array([(x * p, y * p) for y in range(grid) for x in range(grid)], np.int64)
+    entries = []
+    for i in range(4):
+        attrs = {"level": 0, "downsample": 1.0, "patch_size": p, "level0_width": grid * p,
+                 "level0_height": grid * p, "slide_path": "", "significant_bits": 12}  # fmt: skip
+        with PatchStoreWriter(tmp_path / "w" / "patches" / f"s{i}.zarr", coords, attrs) as w:
+            w.write_pixels(0, rng.integers(0, 255, (len(coords), p, p, 3), dtype=np.uint8))
+            w.commit()
+        entries.append(SlideEntry(f"s{i}", None, i % 2, None))
+    run = tmp_path / "run"
+    cfg = TrainConfig(work=tmp_path / "w", run=run, mode="e2e", epochs=1, feature_dim=8,
+                      chunk_size=5, model=ModelConfig(pos_dim=4, attn_dim=4, hidden_dim=4),
+                      device="cpu", early_stop="none", encoder_width=4, val_frac=0.0)  # fmt: skip
+    train(cfg, entries, progress=False)
+    pcfg = PredictConfig(work=tmp_path / "w", run=run, device="cpu")
+    assert len(predict_slides(pcfg, entries, progress=False).batch.done) == 4
+    assert _attrs(run / "attention" / "s1.h5")["significant_bits"] == 12
+
+    def boom(*a, **k):
+        raise AssertionError("patches encoded again")
+
+    monkeypatch.setattr(E2EEncoder, "encode", boom)
+    edited = [
+        dataclasses.replace(e, label=1 - e.label) if e.slide_id == "s1" else e for e in entries
+    ]
+    again = predict_slides(pcfg, edited, progress=False)
+    assert len(again.batch.skipped) == 4 and not again.batch.failed
+    assert _attrs(run / "attention" / "s1.h5")["label"] == 1 - entries[1].label
+    preds = pd.read_csv(run / "predictions.csv").set_index("slide_id")
+    assert preds.loc["s1", "label"] == 1 - entries[1].label

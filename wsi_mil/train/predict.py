@@ -11,8 +11,11 @@ recorded in ``W/failures.csv`` while the others finish (:func:`predict_slides`).
 
 An attention file is current when its probability was computed from the same checkpoint
 and feature (or, end to end, patch) store: its JSON attr ``inputs``. The attrs that only
-describe the slide (``label``, ``split``, ``slide_path``) follow the slide table without
-scoring again: a rerun rewrites them in a copy renamed over the file.
+describe the slide (``label``, ``split``, ``slide_path``, ``significant_bits``) follow the
+slide table and the stores without scoring again: a rerun rewrites them in a copy renamed
+over the file. ``significant_bits`` (absent for 8-bit data) is the bit depth tiling read the
+slide's wider samples with (``tile --significant-bits``), so heatmap draws the background
+the way the patches were read.
 """
 
 from __future__ import annotations
@@ -64,6 +67,8 @@ PRED_COLUMNS = ["slide_id", "label", "prob", "split"]
 #: keys that attention files of earlier versions recorded in ``inputs`` although they do not
 #: change the probability; ignored when deciding whether a file is current
 LEGACY_INPUT_KEYS = ("label", "split")
+#: in :func:`predict_slides`'s wanted attrs: the attr must not be there (deleted if it is)
+_ABSENT = object()
 #: a slide where tile found no tissue (and warned): nothing to score, as training leaves it out
 NO_PATCHES = "no patches (no tissue found): not scored"
 
@@ -127,12 +132,14 @@ def write_attention(
     split: str,
     entry: SlideEntry | None = None,
     inputs: dict[str, Any] | None = None,
+    significant_bits: int | None = None,
 ) -> None:
     """``R/attention/<id>.h5`` in the agreed layout (see module doc), written atomically.
 
     ``entry``: its slide path (absolute) wins over the one the feature store recorded;
     ``inputs``: what the probability was computed from (JSON attr ``inputs``), so a rerun
-    can tell whether the file is current."""
+    can tell whether the file is current; ``significant_bits``: the bit depth tiling read
+    the slide with (attr written only when given), for heatmap's background."""
     coords = bag.coords if bag.coords is not None else np.full((len(bag), 2), -1, np.int64)
     ps0 = int(bag.attrs.get("patch_size_level0") or 0)
     if bag.level0_size is not None:
@@ -162,6 +169,8 @@ def write_attention(
         }
         if inputs is not None:
             attrs["inputs"] = json.dumps(inputs, sort_keys=True)
+        if significant_bits:
+            attrs["significant_bits"] = int(significant_bits)
         for k, v in attrs.items():
             f.attrs[k] = v
 
@@ -304,13 +313,23 @@ def predict_slides(
         fp = file_fingerprint(store / "zarr.json" if e2e else store) if store.exists() else None
         return {"model": model_id, "input": {"path": str(store.resolve()), **(fp or {})}}
 
+    bits_of: dict[str, int | None] = {}
+
+    def significant_bits(entry: SlideEntry) -> int | None:
+        sid = entry.slide_id
+        if sid not in bits_of:
+            bits_of[sid] = tiling_significant_bits(stores[sid], sid, cfg.work, e2e)
+        return bits_of[sid]
+
     def slide_attrs(entry: SlideEntry) -> dict[str, Any]:
-        """The attention file's attrs that describe the slide; a rerun updates them in place
-        of a current file. None: leave the recorded value (no slide path in the table)."""
+        """The attention file's attrs that describe the slide, which a rerun updates in a
+        current file. None: keep the recorded value (no slide path in the table);
+        ``_ABSENT``: no such attr."""
         return {
             "label": -1 if entry.label is None else int(entry.label),
             "split": split_of.get(entry.slide_id, "") or "",
             "slide_path": str(Path(entry.path).resolve()) if entry.path else None,
+            "significant_bits": significant_bits(entry) or _ABSENT,
         }
 
     probs: dict[str, float] = {}
@@ -361,7 +380,16 @@ def predict_slides(
         _check_bag_fits(model, bag)
         prob, att = predict_bag(model, bag, device)
         if cfg.attention:
-            write_attention(out, bag, att, prob, split_of.get(sid, ""), entry=entry, inputs=inputs)
+            write_attention(
+                out,
+                bag,
+                att,
+                prob,
+                split_of.get(sid, ""),
+                entry=entry,
+                inputs=inputs,
+                significant_bits=significant_bits(entry),
+            )
         probs[sid] = prob
 
     log.info("predict: %d slides (shard %d/%d) with %s", len(mine), shard[0], shard[1], ck_path)
@@ -489,9 +517,18 @@ def _read_current(path: Path, inputs: dict[str, Any]) -> tuple[float, dict[str, 
 
 
 def _changed_attrs(recorded: dict[str, Any], wanted: dict[str, Any]) -> dict[str, Any]:
-    """The entries of ``wanted`` whose value differs from ``recorded`` (None in ``wanted``:
-    keep what is recorded)."""
-    return {k: v for k, v in wanted.items() if v is not None and recorded.get(k) != v}
+    """The entries of ``wanted`` that ``recorded`` does not hold (None in ``wanted``: keep
+    what is recorded; ``_ABSENT``: the attr must not be there)."""
+    out: dict[str, Any] = {}
+    for k, v in wanted.items():
+        if v is None:
+            continue
+        if v is _ABSENT:
+            if k in recorded:
+                out[k] = v
+        elif recorded.get(k) != v:
+            out[k] = v
+    return out
 
 
 def _update_attrs(path: Path, attrs: dict[str, Any]) -> None:
@@ -502,7 +539,42 @@ def _update_attrs(path: Path, attrs: dict[str, Any]) -> None:
         shutil.copyfile(path, tmp)
         with h5py.File(tmp, "r+") as f:
             for k, v in attrs.items():
-                f.attrs[k] = v
+                if v is _ABSENT:
+                    if k in f.attrs:
+                        del f.attrs[k]
+                else:
+                    f.attrs[k] = v
+
+
+def tiling_significant_bits(
+    store: Path, slide_id: str, work: str | Path | None, e2e: bool
+) -> int | None:
+    """The bit depth ``tile --significant-bits`` read the slide's >8-bit samples with (None:
+    not given, the 8-bit default). End to end, ``store`` is the patch store, which records
+    it. A feature store: its own ``significant_bits`` attr if extract wrote one, else the
+    patch store it was made from (attr ``source_store``), else ``W/patches/<id>.zarr``."""
+    patch_store: Path | None = store if e2e else None
+    if not e2e and store.suffix == ".h5":
+        try:
+            with h5py.File(store, "r") as f:
+                if "significant_bits" in f.attrs:
+                    return int(_attr_value(f.attrs["significant_bits"]) or 0) or None
+                src = str(_attr_value(f.attrs.get("source_store", "")) or "")
+        except (OSError, TypeError, ValueError):
+            src = ""
+        if src and Path(src).exists():
+            patch_store = Path(src)
+    if patch_store is None and work is not None:
+        candidate = Path(work) / "patches" / f"{slide_id}.zarr"
+        if candidate.exists():
+            patch_store = candidate
+    if patch_store is None or not patch_store.exists():
+        return None
+    try:
+        bits = PatchStore.open(patch_store).attrs.get("significant_bits")
+        return int(bits) if bits else None
+    except (StoreError, TypeError, ValueError):
+        return None
 
 
 def _plot_roc(out_dir: Path, rows: Sequence[dict[str, Any]]) -> None:

@@ -3,7 +3,9 @@
 Layout (contract): datasets ``coords`` int64 (N, 2) level-0 xy of each patch's top-left
 corner and ``attention`` float32 (N,); attrs ``slide_id``, ``slide_path`` ("" if unknown),
 ``patch_size_level0``, ``level0_width``, ``level0_height``, ``prob``, ``label`` (-1 if
-unknown), ``split``.
+unknown), ``split``; optional ``significant_bits``: the bit depth tiling read the slide's
+>8-bit samples with (``tile --significant-bits``), which heatmap reads the slide with too
+(absent: the file's own bit depth, as in files of earlier versions).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class AttentionMap:
     prob: float | None
     label: int
     split: str
+    significant_bits: int | None = None
 
     @property
     def has_coords(self) -> bool:
@@ -83,6 +86,7 @@ def read_attention(path: str | os.PathLike) -> AttentionMap:
             prob_v = _attr(a, "prob", None)
             label = int(_attr(a, "label", -1))
             split = str(_attr(a, "split", "") or "")
+            bits = _bits(_attr(a, "significant_bits", None), p)
     except StoreError:
         raise
     except OSError as e:
@@ -116,7 +120,33 @@ def read_attention(path: str | os.PathLike) -> AttentionMap:
         prob=None if prob_v is None else float(prob_v),  # type: ignore[arg-type]
         label=label,
         split=split,
+        significant_bits=bits,
     )
+
+
+def _bits(v: object, path: Path) -> int | None:
+    """A ``significant_bits`` attr value as int (None when absent or 0)."""
+    if v is None or v == "":
+        return None
+    try:
+        bits = int(v)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        raise StoreError(
+            f"{path}: significant_bits attr {v!r} is not a bit depth",
+            "re-run 'wsi-mil predict' for this run",
+        ) from None
+    return bits or None
+
+
+def read_significant_bits(path: str | os.PathLike) -> int | None:
+    """The ``significant_bits`` attr of an attention file (None: absent or unreadable)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return _bits(_attr(f.attrs, "significant_bits", None), Path(path))
+    except (OSError, StoreError):
+        return None
 
 
 def attention_content_digest(path: str | os.PathLike) -> str:

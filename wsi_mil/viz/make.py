@@ -13,6 +13,8 @@ Per slide with ``R/attention/<id>.h5``:
 A slide file that cannot be found (moved, or never known) does not stop the picture: the
 boxes are drawn on a white canvas of the slide's level-0 shape and the slide gets a warning
 (no top-k crops). A slide file that exists but cannot be read is a failure (failures.csv).
+The slide is read with the bit depth the attention file records (``significant_bits``, from
+``tile --significant-bits``), so 12-bit data in uint16 files is drawn as tiling read it.
 PNGs carry a digest of their inputs and options; current ones are skipped.
 """
 
@@ -48,6 +50,7 @@ from wsi_mil.viz.attention import (
     attention_files,
     check_slide_id,
     read_attention,
+    read_significant_bits,
     resolve_slide_paths,
 )
 from wsi_mil.viz.heatmap import (
@@ -164,13 +167,20 @@ def make_heatmaps(
 
 # ---------------------------------------------------------------- one slide
 def _digest(
-    cfg: HeatmapConfig, att_file: Path, slide_path: Path | None, boxes: np.ndarray | None
+    cfg: HeatmapConfig,
+    att_file: Path,
+    slide_path: Path | None,
+    boxes: np.ndarray | None,
+    significant_bits: int | None = None,
 ) -> str:
     slide_fp = None
     if slide_path is not None and Path(slide_path).exists():
         slide_fp = file_fingerprint(slide_path)
+    # only when set, so the PNGs of 8-bit slides keep the digest of earlier versions
+    bits = {"significant_bits": significant_bits} if significant_bits else {}
     return params_digest(
         {
+            **bits,
             "render": RENDER_VERSION,
             "style": cfg.style,
             "thumbnail_px": cfg.thumbnail_px,
@@ -252,7 +262,8 @@ def render_slide(
     blank canvas because the slide file is missing.
     """
     sid = att_file.stem
-    digest = _digest(cfg, att_file, slide_path, marker_boxes)
+    bits = read_significant_bits(att_file)
+    digest = _digest(cfg, att_file, slide_path, marker_boxes, bits)
     slide_ok = slide_path is not None and Path(slide_path).exists()
     outs = _outputs(cfg, out_dir, sid, slide_ok)
     # lock files live in heatmaps/.locks so the PNG folder holds only pictures
@@ -272,7 +283,10 @@ def render_slide(
         if slide_ok:
             from wsi_mil.slides import open_slide
 
-            slide = open_slide(slide_path, backend=cfg.backend)  # unreadable: slide fails
+            # the bits the digest holds, so that the PNG says how it was drawn
+            slide = open_slide(  # unreadable: the slide fails
+                slide_path, backend=cfg.backend, significant_bits=bits
+            )
         else:
             where = f"slide file {slide_path} not found" if slide_path else "no slide path known"
             warnings.append(
