@@ -183,7 +183,8 @@ def _wide_tiff(im: object) -> bool:
 
 @register_backend("image", priority=30)
 class ImageSlide(Slide):
-    """One level, decoded lazily into memory with Pillow (tifffile for TIFFs Pillow cannot read)."""
+    """One level, decoded lazily into memory with Pillow (imagecodecs for 16-bit PNGs, tifffile
+    for TIFFs Pillow cannot read or whose samples are wider than 8 bits)."""
 
     @classmethod
     def can_open(cls, path: Path) -> bool:
