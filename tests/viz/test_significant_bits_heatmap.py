@@ -86,6 +86,9 @@ def test_heatmap_background_uses_the_bits_tiling_used(pipeline, monkeypatch):
     with h5py.File(att, "r") as f:  # predict found the bits in the patch store
         assert int(f.attrs["significant_bits"]) == 12
     assert PatchStore.open(d / "w" / "patches" / "s0.zarr").attrs["significant_bits"] == 12
+    (feats,) = (d / "w" / "features").glob("*/s0.h5")
+    with h5py.File(feats, "r") as f:  # extract carries them on too
+        assert int(f.attrs["significant_bits"]) == 12
 
     cfg = HeatmapConfig(run=run, thumbnail_px=W, top_k=2, max_alpha=0.5)
     res = make_heatmaps(cfg, progress=False)
@@ -133,6 +136,9 @@ def test_predict_finds_the_bits_of_feature_stores_without_a_source_store(pipelin
     (fstore,) = (d / "w" / "features").glob("*/s1.h5")
     copy = tmp_path / "s1.h5"
     shutil.copy(fstore, copy)
+    assert tiling_significant_bits(copy, "s1", None, e2e=False) == 12  # its own attr
+    with h5py.File(copy, "r+") as f:  # a feature store of an earlier version: no such attr
+        del f.attrs["significant_bits"]
     assert tiling_significant_bits(copy, "s1", d / "w", e2e=False) == 12  # via source_store
     with h5py.File(copy, "r+") as f:
         del f.attrs["source_store"]
