@@ -442,3 +442,48 @@ def test_e2e_label_edit_encodes_no_patch_again(tmp_path, monkeypatch):
     assert _attrs(run / "attention" / "s1.h5")["label"] == 1 - entries[1].label
     preds = pd.read_csv(run / "predictions.csv").set_index("slide_id")
     assert preds.loc["s1", "label"] == 1 - entries[1].label
+
+
+def test_bits_nobody_can_look_up_any_more_are_kept(trained, tmp_path, monkeypatch):
+    """An attention file's significant_bits stay when no store can tell them any more (the
+    patch stores purged from scratch): unknown is not "8-bit"."""
+    run, feats, table = _fresh(trained, tmp_path)
+    entries = read_slide_table(table)
+    predict_slides(_cfg(tmp_path, run, feats), entries, progress=False)
+    att = run / "attention" / "bag002.h5"
+    with h5py.File(att, "r+") as f:  # recorded from a patch store that is gone now
+        f.attrs["significant_bits"] = 12
+    rows = list(csv.DictReader(open(table)))
+    rows[2]["label"] = str(1 - int(rows[2]["label"]))  # an update of this file is due
+    _write_rows(table, rows)
+    _no_scoring(monkeypatch)
+    again = predict_slides(_cfg(tmp_path, run, feats), read_slide_table(table), progress=False)
+    assert len(again.batch.skipped) == 12
+    a = _attrs(att)
+    assert a["label"] == int(rows[2]["label"]) and a["significant_bits"] == 12
+
+
+def test_an_attr_update_that_cannot_be_written_keeps_the_probability(
+    trained, tmp_path, monkeypatch, caplog
+):
+    """A current probability is not lost because its file's attrs could not be rewritten
+    (disk full, a reader holding the file on Windows): a warning, the row stays."""
+    import wsi_mil.train.predict as pred
+
+    run, feats, table = _fresh(trained, tmp_path)
+    entries = read_slide_table(table)
+    predict_slides(_cfg(tmp_path, run, feats), entries, progress=False)
+    rows = list(csv.DictReader(open(table)))
+    rows[5]["label"] = str(1 - int(rows[5]["label"]))
+    _write_rows(table, rows)
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pred, "_update_attrs", full)
+    _no_scoring(monkeypatch)
+    again = predict_slides(_cfg(tmp_path, run, feats), read_slide_table(table), progress=False)
+    assert not again.batch.failed and len(again.batch.skipped) == 12
+    assert "could not update" in caplog.text
+    got = pd.read_csv(run / "predictions.csv").set_index("slide_id")
+    assert len(got) == 12 and got.loc["bag005", "label"] == int(rows[5]["label"])

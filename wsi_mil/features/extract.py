@@ -356,7 +356,7 @@ def feature_attrs(
         "slide_path": str(Path(slide_path).resolve()) if slide_path else "",
         "source_store": str(Path(store.path).resolve()),
         "source_digest": digest,
-        # only for >8-bit data tiled with --significant-bits: heatmaps read the slide with it
+        # only for stores tiled with --significant-bits: heatmaps read the slide with it
         **(
             {"significant_bits": int(bits)} if (bits := store.attrs.get("significant_bits")) else {}
         ),

@@ -227,8 +227,9 @@ def predict_slides(
 
     A slide whose attention file is complete and was made from the same checkpoint and
     feature (or patch) store is not scored again: its probability is read back, and its
-    label, split and slide path attrs are brought up to date with the slide table if they
-    differ (no re-scoring, no re-encoding of patches). So shards of a job array score the
+    label, split and slide path attrs are brought up to date with the slide table, and its
+    ``significant_bits`` with the patch store's, if they differ (no re-scoring, no
+    re-encoding of patches). So shards of a job array score the
     slides, and one unsharded call afterwards collects the tables in seconds. A slide that
     fails is logged in ``W/failures.csv``; the others go on.
     """
@@ -325,11 +326,13 @@ def predict_slides(
         """The attention file's attrs that describe the slide, which a rerun updates in a
         current file. None: keep the recorded value (no slide path in the table);
         ``_ABSENT``: no such attr."""
+        bits = significant_bits(entry)
         return {
             "label": -1 if entry.label is None else int(entry.label),
             "split": split_of.get(entry.slide_id, "") or "",
             "slide_path": str(Path(entry.path).resolve()) if entry.path else None,
-            "significant_bits": significant_bits(entry) or _ABSENT,
+            # unknown (no patch store to ask, e.g. purged from scratch): keep what is recorded
+            "significant_bits": None if bits is None else (bits or _ABSENT),
         }
 
     probs: dict[str, float] = {}
@@ -358,9 +361,19 @@ def predict_slides(
                         log.info(
                             "%s: probability current, updating %s", sid, ", ".join(sorted(changes))
                         )
-                        _update_attrs(
-                            out, {**changes, "inputs": json.dumps(inputs, sort_keys=True)}
-                        )
+                        remove_stale_tmps(out)  # of an update a crash interrupted
+                        try:
+                            _update_attrs(
+                                out, {**changes, "inputs": json.dumps(inputs, sort_keys=True)}
+                            )
+                        except OSError as e:  # the probability stands; only attrs are old
+                            log.warning(
+                                "%s: could not update the attrs of %s (%s); its probability "
+                                "is used, its attrs stay as they were",
+                                sid,
+                                out,
+                                e,
+                            )
                     probs[sid] = prob
                     raise Skip(sid)
             # an outdated file must not outlive a failure below (heatmap draws every file)
@@ -388,7 +401,7 @@ def predict_slides(
                 split_of.get(sid, ""),
                 entry=entry,
                 inputs=inputs,
-                significant_bits=significant_bits(entry),
+                significant_bits=significant_bits(entry) or None,
             )
         probs[sid] = prob
 
@@ -549,16 +562,18 @@ def _update_attrs(path: Path, attrs: dict[str, Any]) -> None:
 def tiling_significant_bits(
     store: Path, slide_id: str, work: str | Path | None, e2e: bool
 ) -> int | None:
-    """The bit depth ``tile --significant-bits`` read the slide's >8-bit samples with (None:
-    not given, the 8-bit default). End to end, ``store`` is the patch store, which records
-    it. A feature store: its own ``significant_bits`` attr if extract wrote one, else the
-    patch store it was made from (attr ``source_store``), else ``W/patches/<id>.zarr``."""
+    """The bit depth ``tile --significant-bits`` read the slide's >8-bit samples with: N, 0
+    when it was not given (the 8-bit default), None when no patch store tells (unknown).
+    End to end, ``store`` is the patch store, which records it. A feature store: its own
+    ``significant_bits`` attr if extract wrote one, else the patch store it was made from
+    (attr ``source_store``), else ``W/patches/<id>.zarr``. Reads only small metadata files:
+    it runs for every slide, current or not."""
     patch_store: Path | None = store if e2e else None
     if not e2e and store.suffix == ".h5":
         try:
             with h5py.File(store, "r") as f:
                 if "significant_bits" in f.attrs:
-                    return int(_attr_value(f.attrs["significant_bits"]) or 0) or None
+                    return int(_attr_value(f.attrs["significant_bits"]) or 0)
                 src = str(_attr_value(f.attrs.get("source_store", "")) or "")
         except (OSError, TypeError, ValueError):
             src = ""
@@ -568,12 +583,12 @@ def tiling_significant_bits(
         candidate = Path(work) / "patches" / f"{slide_id}.zarr"
         if candidate.exists():
             patch_store = candidate
-    if patch_store is None or not patch_store.exists():
+    if patch_store is None:
         return None
-    try:
-        bits = PatchStore.open(patch_store).attrs.get("significant_bits")
-        return int(bits) if bits else None
-    except (StoreError, TypeError, ValueError):
+    try:  # the store's root zarr.json holds its attrs: no zarr machinery for one value
+        meta = json.loads((patch_store / "zarr.json").read_text())
+        return int(meta.get("attributes", {}).get("significant_bits") or 0)
+    except (OSError, TypeError, ValueError, AttributeError):
         return None
 
 
