@@ -247,3 +247,38 @@ def test_tile_significant_bits_on_rgb16_png(tmp_path, cli):
     x, y = (int(v) for v in store.coords[0])
     np.testing.assert_array_equal(px[0], (a[y : y + 64, x : x + 64] >> 4).astype(np.uint8))
     assert px.max() > 180  # not the nearly black top 8 of 16 bits
+
+
+def test_8bit_png_orientation_after_the_pixels_without_decoding_at_open(tmp_path, monkeypatch):
+    """An eXIf chunk after IDAT (allowed by the PNG spec) still rotates an 8-bit PNG, found
+    by walking the chunk headers: opening the slide decodes no pixels."""
+    a = _camera_rgb().astype(np.uint8)
+    plain = tmp_path / "plain.png"
+    Image.fromarray(a).save(plain)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = plain.read_bytes()
+    i = data.index(b"IEND") - 4
+    late = tmp_path / "late.png"
+    late.write_bytes(data[:i] + _chunk(b"eXIf", exif.tobytes()[6:]) + data[i:])
+
+    from PIL import ImageFile
+
+    def no_decode(self, *args, **kwargs):
+        raise AssertionError("the PNG was decoded while the slide was opened")
+
+    with monkeypatch.context() as m:
+        m.setattr(ImageFile.ImageFile, "load", no_decode)
+        with open_slide(late) as s:
+            assert s.dimensions == (a.shape[0], a.shape[1])  # rotated: width <-> height
+    np.testing.assert_array_equal(_read_all(late), np.ascontiguousarray(np.rot90(a, -1)))
+
+
+def test_float_tiff_is_still_read_by_pillow(tmp_path):
+    """Only unsigned integer samples wider than 8 bits go to tifffile; a float32 TIFF of
+    0..255 values keeps Pillow's mapping (not taken for [0, 1] floats and made white)."""
+    g = np.tile(np.linspace(0, 200, 64, dtype=np.float32), (48, 1))
+    path = tmp_path / "f.tif"
+    tifffile.imwrite(path, g)
+    got = _read_all(path, backend="image")
+    assert got.shape == (48, 64, 3) and got[:, 0].max() == 0 and 190 <= got[:, -1].min() <= 200

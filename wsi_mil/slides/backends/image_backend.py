@@ -35,7 +35,8 @@ from wsi_mil.slides.backends._util import (
 )
 from wsi_mil.slides.base import Slide
 
-#: largest image (pixels) decoded in memory: 400 MP = 1.2 GB of RGB
+#: largest image (pixels) decoded in memory: 400 MP = 1.2 GB of RGB (a 16-bit PNG needs up
+#: to ~4x that while it is decoded: its 16-bit samples, then the 8-bit RGB)
 MAX_PIXELS = 400_000_000
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".jp2", ".j2k")
 #: int64 bytes per band when wide samples are mapped to uint8 (``to_uint8`` works in int64)
@@ -85,7 +86,8 @@ def _png_orientation(path: Path) -> int:
     Pillow's ``getexif()`` decodes the whole PNG to look for eXIf after the pixels; this
     seeks past them. A file that ends before its IEND chunk is refused as truncated."""
     exif = None
-    with open(path, "rb") as f:
+    # unbuffered: a buffered read after each seek would fetch a whole block (MiBs on Lustre)
+    with open(path, "rb", buffering=0) as f:
         f.seek(8)
         while True:
             head = f.read(8)  # length, type
@@ -178,7 +180,9 @@ def _wide_tiff(im: object) -> bool:
         return False
     bps = tags.get(258, 1)
     bps = bps if isinstance(bps, tuple) else (bps,)
-    return max(bps, default=1) > 8 and tags.get(262) in (0, 1, 2)
+    fmt = tags.get(339, 1)  # SampleFormat: 1 unsigned integer (floats stay with Pillow)
+    fmt = fmt if isinstance(fmt, tuple) else (fmt,)
+    return max(bps, default=1) > 8 and tags.get(262) in (0, 1, 2) and set(fmt) == {1}
 
 
 @register_backend("image", priority=30)
@@ -218,7 +222,10 @@ class ImageSlide(Slide):
             try:
                 with quiet_readers(), _bomb_limit(), Image.open(self.path) as im:
                     w, h = im.size
-                    orientation = im.getexif().get(0x0112, 1)
+                    # Pillow's getexif() decodes a whole PNG to look past its pixels
+                    orientation = (
+                        _png_orientation(self.path) if png else im.getexif().get(0x0112, 1)
+                    )
                     self.format = im.format
             except Exception as e:  # noqa: BLE001
                 if is_tiff_file(self.path):
