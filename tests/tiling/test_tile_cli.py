@@ -14,6 +14,8 @@ import h5py
 import numpy as np
 import pytest
 import yaml
+from slide_factory import make_pyramidal_tiff
+from tiling.tiling_images import tissue_slide_image
 
 from wsi_mil.errors import StoreError
 from wsi_mil.tiling import PatchStore
@@ -130,6 +132,33 @@ def test_changing_only_the_compression_keeps_the_store_until_overwrite(tmp_path,
     r = cli("-q", *args, "--compression", "zstd", "--min-tissue", "0.5")
     assert r.returncode == 0, r.stderr
     assert PatchStore.open(store).attrs["compression"] == "zstd"
+
+
+def test_exclude_pen_drops_patches_on_ink_and_is_a_tiling_parameter(tmp_path, cli):
+    """A slide with a green marker stroke across the glass: by default the stroke's patches
+    are kept as tissue; --exclude-pen keeps only the tissue's. The option rebuilds the
+    store, and stores made without it keep their digest."""
+    h, w = 512, 1024
+    img = tissue_slide_image(h, w)
+    img[:, 500:540] = (60, 150, 80)  # a vertical green stroke over the glass between blobs
+    slide = make_pyramidal_tiff(tmp_path / "pen.tif", img, 3, 128, 0.5, "zlib")
+    work = tmp_path / "w"
+    args = ("-q", "tile", str(slide), "--work", str(work), "--patch-size", "32")
+    assert cli(*args).returncode == 0
+    store = work / "patches" / "pen.zarr"
+    on_ink = lambda xy: ((xy[:, 0] + 32 > 500) & (xy[:, 0] < 540)).sum()  # noqa: E731
+    default = PatchStore.open(store)
+    assert on_ink(default.coords) >= h // 32  # the stroke's column of patches is "tissue"
+    digest = default.attrs["params_digest"]
+    r = cli(*args, "--exclude-pen")
+    assert r.returncode == 0 and "1 done" in r.stderr, r.stderr
+    pen = PatchStore.open(store)
+    assert on_ink(pen.coords) == 0 and pen.attrs["params"]["exclude_pen"] is True
+    assert len(pen) >= len(default) - on_ink(default.coords)  # the tissue's patches stay
+    assert "exclude_pen" not in default.attrs["params"]
+    r = cli(*args)  # without the option again: rebuilt, the earlier digest
+    assert r.returncode == 0 and "1 done" in r.stderr
+    assert PatchStore.open(store).attrs["params_digest"] == digest
 
 
 def test_shards_are_disjoint_and_cover(tmp_path, cli, make_slide):

@@ -11,6 +11,7 @@ from wsi_mil.tiling.tissue import (
     inside_fraction,
     otsu_threshold,
     patch_tissue_fraction,
+    pen_mask,
     saturation,
     tissue_mask,
 )
@@ -323,3 +324,64 @@ def test_brightfield_tissue_keeps_its_large_holes_filled():
     img[tissue] = [200, 110, 170]
     mask = tissue_mask(np.clip(img, 0, 255).astype(np.uint8))
     assert mask[r < 50].all()
+
+
+def _pen_strokes(h: int, w: int) -> dict[str, np.ndarray]:
+    """Three marker-ink strokes (bands 12 px wide) crossing glass and tissue."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    return {
+        "green": np.abs(yy - 0.3 * h - 0.2 * xx) < 6,
+        "blue": np.abs(xx - 0.5 * w - 0.3 * yy) < 6,
+        "black": np.abs(yy - 0.85 * h + 0.1 * xx) < 6,
+    }
+
+
+INK = {"green": (60, 150, 80), "blue": (50, 70, 170), "black": (30, 30, 34)}
+
+
+def test_exclude_pen_drops_marker_ink_and_keeps_the_tissue():
+    """Green, blue and black ink over glass and tissue: by default the saturated green and
+    blue strokes become tissue; with exclude_pen none of the ink does, while the tissue
+    away from the strokes is kept as before."""
+    h, w = 520, 712
+    img = tissue_slide_image(h, w)
+    base = tissue_mask(img)
+    rng = np.random.default_rng(5)
+    strokes = _pen_strokes(h, w)
+    inked = img.copy()
+    for name, band in strokes.items():
+        noise = rng.integers(-6, 7, (band.sum(), 3))
+        inked[band] = np.clip(np.array(INK[name]) + noise, 0, 255)
+    ink = np.logical_or.reduce(list(strokes.values()))
+    default = tissue_mask(inked)
+    assert (default & strokes["green"] & ~base).sum() > 0.5 * (strokes["green"] & ~base).sum()
+    assert (default & strokes["blue"] & ~base).sum() > 0.5 * (strokes["blue"] & ~base).sum()
+    got = tissue_mask(inked, exclude_pen=True)
+    assert not (got & ink).any()
+    from scipy import ndimage as ndi
+
+    away = base & ~ndi.binary_dilation(ink, iterations=15)
+    assert (got & away).sum() >= 0.97 * away.sum()
+
+
+def test_exclude_pen_leaves_he_and_dab_alone():
+    """H&E (red and blue above green) and DAB brown (red above green above blue) never look
+    like ink: the masks do not change."""
+    rng = np.random.default_rng(2)
+    he = tissue_slide_image(300, 400, seed=3)
+    dab = tissue_slide_image(300, 400, seed=4)
+    tissue = dab[..., 0] < 230
+    brown = np.stack(
+        [rng.integers(120, 190, (300, 400)), rng.integers(70, 120, (300, 400)),
+         rng.integers(30, 80, (300, 400))], -1,
+    ).astype(np.uint8)  # fmt: skip
+    dab[tissue] = brown[tissue]
+    for img in (he, dab):
+        assert not pen_mask(img).any()
+        np.testing.assert_array_equal(tissue_mask(img, exclude_pen=True), tissue_mask(img))
+
+
+def test_exclude_pen_does_not_touch_dark_background_images():
+    """Fluorescence: a dark field is not black ink (the rule is for brightfield only)."""
+    rgb, truth, _ = _nuclei_field(0, n_nuclei=30, seed=7)
+    np.testing.assert_array_equal(tissue_mask(rgb, exclude_pen=True), tissue_mask(rgb))

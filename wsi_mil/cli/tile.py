@@ -107,6 +107,14 @@ from wsi_mil.config import TileConfig
     help="Keep patches whose area is at least this fraction tissue (0..1; with --tissue otsu).",
 )
 @click.option(
+    "--exclude-pen",
+    is_flag=True,
+    default=TileConfig.exclude_pen,
+    help="With --tissue otsu on brightfield slides: green, blue and black marker ink (and a "
+    "margin around it) is not tissue. Off by default: stains that colour tissue green or "
+    "blue (trichrome, some blue haematoxylins) would lose it too; check the QC images.",
+)
+@click.option(
     "--thumbnail-px",
     type=int,
     default=2048,

@@ -129,6 +129,8 @@ def tiling_params(cfg: TileConfig) -> dict[str, Any]:
         **({"significant_bits": cfg.significant_bits} if cfg.significant_bits else {}),
         "tissue": cfg.tissue,
         "min_tissue": cfg.min_tissue,
+        # only when given: stores made before the option existed keep their digest
+        **({"exclude_pen": True} if cfg.exclude_pen else {}),
         "thumbnail_px": cfg.thumbnail_px,
         "pixels": cfg.pixels,
         "compression": cfg.compression if cfg.pixels else None,
@@ -319,7 +321,7 @@ def _build_store(
         keep = np.ones(len(level0_xy), bool)
     else:
         thumb = slide.thumbnail(cfg.thumbnail_px, pool=pool)
-        mask = tissue_mask(thumb, cfg.tissue)
+        mask = tissue_mask(thumb, cfg.tissue, exclude_pen=cfg.exclude_pen)
         tissue = patch_tissue_fraction(mask, scale, level0_xy, choice.patch_px_level0)
         keep = tissue >= cfg.min_tissue
     level_xy, level0_xy, tissue = level_xy[keep], level0_xy[keep], tissue[keep]

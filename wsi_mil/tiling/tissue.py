@@ -41,6 +41,11 @@ MIN_OBJECT_FRACTION = 1e-4
 #: dark background: only holes smaller than this fraction of the thumbnail are filled (the
 #: dim middle of a cell); a larger field that cells enclose is background, not tissue
 MAX_DARK_HOLE_FRACTION = 5e-4
+#: marker ink (``exclude_pen``): grey levels by which green must lead red and blue (green
+#: ink), or blue lead red with green not below red (blue ink; haematoxylin is purple, red
+#: above green); near-black ink is darker than PEN_BLACK in every channel and colourless
+PEN_MARGIN = 25
+PEN_BLACK = 60
 
 
 def _saturation_lut() -> np.ndarray:
@@ -141,8 +146,30 @@ def otsu_threshold(values: np.ndarray) -> int:
     return int(np.argmax(between)) + 1  # values <= argmax are background
 
 
-def tissue_mask(thumb_rgb: np.ndarray, method: str = "otsu") -> np.ndarray:
-    """(h, w) bool tissue mask of an (h, w, 3) uint8 thumbnail."""
+def pen_mask(thumb_rgb: np.ndarray) -> np.ndarray:
+    """(h, w) bool: pixels of an (h, w, 3) uint8 brightfield thumbnail that look like marker
+    ink (green, blue or black pen) rather than H&E or DAB staining.
+
+    H&E pixels keep red and blue above green, DAB brown red above green above blue; green
+    ink leads with green, blue ink has blue far above red and green no lower than red, and
+    black ink is dark and colourless. Stains that colour tissue green or blue (trichrome's
+    collagen, some blue haematoxylins) look like ink to this rule.
+    """
+    rgb = np.asarray(thumb_rgb, np.uint8)
+    r, g, b = (rgb[..., i].astype(np.int16) for i in range(3))
+    green = (g > r + PEN_MARGIN) & (g > b)
+    blue = (b > r + 2 * PEN_MARGIN) & (g >= r)
+    mx, chroma = _max_chroma(rgb)
+    black = (mx < PEN_BLACK) & (chroma <= 2 * GRAY_CHROMA)
+    return green | blue | black
+
+
+def tissue_mask(
+    thumb_rgb: np.ndarray, method: str = "otsu", exclude_pen: bool = False
+) -> np.ndarray:
+    """(h, w) bool tissue mask of an (h, w, 3) uint8 thumbnail. ``exclude_pen``: brightfield
+    pixels that look like marker ink (:func:`pen_mask`), and a margin around them, are
+    never tissue (they do not count for the threshold either)."""
     if method not in TISSUE_METHODS:
         raise ConfigError(
             f"--tissue {method!r} is unknown", f"choose one of {', '.join(TISSUE_METHODS)}"
@@ -151,6 +178,12 @@ def tissue_mask(thumb_rgb: np.ndarray, method: str = "otsu") -> np.ndarray:
     if method == "none":
         return np.ones((h, w), bool)
     score, floor, dark = _score(thumb_rgb)
+    pen = None
+    if exclude_pen and not dark:
+        # grown by the smoothing and closing radius: ink edges blend into glass and tissue
+        k_pen = 2 * max(1, round(min(h, w) / 400)) + 5
+        pen = max_filter(pen_mask(thumb_rgb).astype(np.uint8), k_pen).astype(bool)
+        score = np.where(pen, 0, score).astype(np.uint8)
     score = mean_filter(score, 5)
     thr = max(otsu_threshold(score), floor)
     mask = (score >= thr).astype(np.uint8)
@@ -163,6 +196,8 @@ def tissue_mask(thumb_rgb: np.ndarray, method: str = "otsu") -> np.ndarray:
     max_hole_px = max(16, int(MAX_DARK_HOLE_FRACTION * h * w)) if dark else None
     mask = fill_holes(mask.astype(bool), max_hole_px).astype(np.uint8)
     mask = max_filter(min_filter(mask, 3), 3)
+    if pen is not None:  # closing and hole filling may have bridged over the ink again
+        mask[pen] = 0
     return remove_small_objects(mask.astype(bool), max(4, int(MIN_OBJECT_FRACTION * h * w)))
 
 
