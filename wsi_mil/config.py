@@ -147,7 +147,7 @@ class TileConfig:
     significant_bits: int | None = None  # bit depth of >8-bit samples (12-bit camera data)
     tissue: str = "otsu"  # otsu | none
     min_tissue: float = 0.1  # min tissue fraction per patch (otsu)
-    exclude_pen: bool = False  # otsu, brightfield: green/blue/black marker ink is not tissue
+    exclude_pen: str | None = None  # otsu, brightfield: ink not tissue: "green,blue,black"|all
     thumbnail_px: int = 2048  # longest side of the thumbnail tissue is computed on
     pixels: bool = True  # store pixels (else coords only; later stages read the slide)
     compression: str = "none"  # lossless: none (fastest) | zstd (smallest) | lz4; see --help

@@ -150,15 +150,22 @@ def test_exclude_pen_drops_patches_on_ink_and_is_a_tiling_parameter(tmp_path, cl
     default = PatchStore.open(store)
     assert on_ink(default.coords) >= h // 32  # the stroke's column of patches is "tissue"
     digest = default.attrs["params_digest"]
-    r = cli(*args, "--exclude-pen")
+    r = cli(*args, "--exclude-pen", "green,black")
     assert r.returncode == 0 and "1 done" in r.stderr, r.stderr
     pen = PatchStore.open(store)
-    assert on_ink(pen.coords) == 0 and pen.attrs["params"]["exclude_pen"] is True
+    assert on_ink(pen.coords) == 0 and pen.attrs["params"]["exclude_pen"] == ["green", "black"]
     assert len(pen) >= len(default) - on_ink(default.coords)  # the tissue's patches stay
     assert "exclude_pen" not in default.attrs["params"]
     r = cli(*args)  # without the option again: rebuilt, the earlier digest
     assert r.returncode == 0 and "1 done" in r.stderr
     assert PatchStore.open(store).attrs["params_digest"] == digest
+    r = cli(*args, "--exclude-pen", "green,red")
+    assert r.returncode == 2 and "red" in r.stderr and "Traceback" not in r.stderr
+    # no mask to take ink out of: --tissue none ignores it (no rebuild)
+    none = ("-q", "tile", str(slide), "--work", str(tmp_path / "w2"), "--tissue", "none")
+    assert cli(*none).returncode == 0
+    r = cli(*none[1:], "--exclude-pen", "all")
+    assert r.returncode == 0 and "1 up to date" in r.stderr, r.stderr
 
 
 def test_shards_are_disjoint_and_cover(tmp_path, cli, make_slide):

@@ -11,6 +11,7 @@ from wsi_mil.tiling.tissue import (
     inside_fraction,
     otsu_threshold,
     patch_tissue_fraction,
+    pen_colours,
     pen_mask,
     saturation,
     tissue_mask,
@@ -356,7 +357,7 @@ def test_exclude_pen_drops_marker_ink_and_keeps_the_tissue():
     default = tissue_mask(inked)
     assert (default & strokes["green"] & ~base).sum() > 0.5 * (strokes["green"] & ~base).sum()
     assert (default & strokes["blue"] & ~base).sum() > 0.5 * (strokes["blue"] & ~base).sum()
-    got = tissue_mask(inked, exclude_pen=True)
+    got = tissue_mask(inked, exclude_pen="all")
     assert not (got & ink).any()
     from scipy import ndimage as ndi
 
@@ -378,10 +379,69 @@ def test_exclude_pen_leaves_he_and_dab_alone():
     dab[tissue] = brown[tissue]
     for img in (he, dab):
         assert not pen_mask(img).any()
-        np.testing.assert_array_equal(tissue_mask(img, exclude_pen=True), tissue_mask(img))
+        np.testing.assert_array_equal(tissue_mask(img, exclude_pen="all"), tissue_mask(img))
 
 
 def test_exclude_pen_does_not_touch_dark_background_images():
     """Fluorescence: a dark field is not black ink (the rule is for brightfield only)."""
     rgb, truth, _ = _nuclei_field(0, n_nuclei=30, seed=7)
-    np.testing.assert_array_equal(tissue_mask(rgb, exclude_pen=True), tissue_mask(rgb))
+    np.testing.assert_array_equal(tissue_mask(rgb, exclude_pen="all"), tissue_mask(rgb))
+
+
+def test_ink_does_not_raise_the_threshold_over_pale_tissue():
+    """Much saturated ink and pale tissue: counted in, the ink would pull Otsu's threshold
+    above the tissue; it is taken out before the threshold."""
+    rng = np.random.default_rng(8)
+    h, w = 300, 400
+    img = np.clip(rng.normal(240, 2, (h, w, 3)), 0, 255)
+    yy, xx = np.mgrid[0:h, 0:w]
+    tissue = (xx - 100) ** 2 + (yy - 150) ** 2 < 70**2
+    img[tissue] = np.clip(rng.normal((225, 195, 215), 3, (tissue.sum(), 3)), 0, 255)  # pale
+    ink = xx > 250
+    img[ink] = np.clip(rng.normal((40, 140, 70), 4, (ink.sum(), 3)), 0, 255)
+    img = img.astype(np.uint8)
+    got = tissue_mask(img, exclude_pen="green")
+    assert (got & tissue).sum() > 0.95 * tissue.sum() and not (got & ink).any()
+
+
+def test_ink_enclosed_by_tissue_is_not_filled_back_in():
+    """Hole filling would turn ink that tissue surrounds back into tissue."""
+    h, w = 300, 300
+    img = np.full((h, w, 3), 242, np.uint8)
+    yy, xx = np.mgrid[0:h, 0:w]
+    r = np.hypot(yy - 150, xx - 150)
+    rng = np.random.default_rng(9)
+    ring = (r > 50) & (r < 110)
+    img[ring] = rng.integers((150, 60, 140), (220, 120, 200), (ring.sum(), 3))
+    ink = r < 40
+    img[ink] = (60, 150, 80)
+    assert tissue_mask(img)[ink].all()  # default: ink (and the hole) are tissue
+    got = tissue_mask(img, exclude_pen="green")
+    assert not got[ink].any() and got[ring & (r > 60)].mean() > 0.95
+
+
+def test_pen_colours_and_what_is_not_ink():
+    assert pen_colours("all") == ("green", "blue", "black")
+    assert pen_colours("Black, green") == ("green", "black") and pen_colours(None) == ()
+    with pytest.raises(ConfigError, match="red"):
+        pen_colours("green,red")
+    px = np.array(
+        [[[0, 0, 0], [245, 245, 245], [150, 100, 60], [170, 110, 170], [120, 70, 150]]],
+        np.uint8,
+    )  # black fill, glass, DAB, H&E, dense haematoxylin
+    assert not pen_mask(px).any()
+    ink = np.array([[[60, 150, 80], [70, 110, 110], [50, 70, 170], [40, 50, 60]]], np.uint8)
+    np.testing.assert_array_equal(pen_mask(ink, ("green",)), [[1, 1, 0, 0]])
+    np.testing.assert_array_equal(pen_mask(ink, ("blue",)), [[0, 0, 1, 0]])
+    np.testing.assert_array_equal(pen_mask(ink, ("black",)), [[0, 0, 0, 1]])
+
+
+def test_exclude_pen_leaves_grey_brightfield_alone():
+    """Grey images (no colour): dark tissue is not black ink."""
+    rng = np.random.default_rng(10)
+    level = 235 + rng.normal(0, 2, (300, 400))
+    tissue = _blobs(300, 400, [(150, 120), (100, 300)], 50)
+    level[tissue] = 40 + rng.normal(0, 5, tissue.sum())
+    rgb = _gray_rgb(level)
+    np.testing.assert_array_equal(tissue_mask(rgb, exclude_pen="all"), tissue_mask(rgb))
+    assert (tissue_mask(rgb) & tissue).sum() > 0.95 * tissue.sum()

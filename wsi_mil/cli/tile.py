@@ -108,11 +108,13 @@ from wsi_mil.config import TileConfig
 )
 @click.option(
     "--exclude-pen",
-    is_flag=True,
+    metavar="COLOURS",
     default=TileConfig.exclude_pen,
-    help="With --tissue otsu on brightfield slides: green, blue and black marker ink (and a "
-    "margin around it) is not tissue. Off by default: stains that colour tissue green or "
-    "blue (trichrome, some blue haematoxylins) would lose it too; check the QC images.",
+    help="With --tissue otsu on brightfield colour slides: marker ink of these colours (and "
+    "a margin around it) is not tissue; comma-separated from green, blue, black, or all. "
+    "Off by default: blue also matches blue-toned haematoxylin and pale IHC counterstain, "
+    "green matches trichrome's collagen, black matches anthracotic pigment; red ink is not "
+    "recognised. Ink is found on glass and thinly over tissue. Check the QC images.",
 )
 @click.option(
     "--thumbnail-px",

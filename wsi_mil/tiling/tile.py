@@ -51,6 +51,7 @@ from wsi_mil.tiling.tissue import (
     TISSUE_METHODS,
     inside_fraction,
     patch_tissue_fraction,
+    pen_colours,
     tissue_mask,
 )
 
@@ -100,6 +101,7 @@ def validate_config(cfg: TileConfig) -> None:
         raise ConfigError(
             f"--tissue {cfg.tissue!r} is unknown", f"choose one of {', '.join(TISSUE_METHODS)}"
         )
+    pen_colours(cfg.exclude_pen)  # unknown ink colours: a ConfigError before the batch
     if not 0.0 <= cfg.min_tissue <= 1.0:
         raise ConfigError(f"--min-tissue must be in [0, 1], got {cfg.min_tissue}")
     if cfg.compression not in COMPRESSIONS:
@@ -113,6 +115,11 @@ def validate_config(cfg: TileConfig) -> None:
         raise ConfigError(f"--workers must be >= 1, got {cfg.workers}")
     if cfg.processes < 1:
         raise ConfigError(f"--processes must be >= 1, got {cfg.processes}")
+
+
+def _pens(cfg: TileConfig) -> tuple[str, ...]:
+    """The ink colours --exclude-pen takes out (none unless the mask is otsu's)."""
+    return pen_colours(cfg.exclude_pen) if cfg.tissue == "otsu" else ()
 
 
 def tiling_params(cfg: TileConfig) -> dict[str, Any]:
@@ -129,8 +136,8 @@ def tiling_params(cfg: TileConfig) -> dict[str, Any]:
         **({"significant_bits": cfg.significant_bits} if cfg.significant_bits else {}),
         "tissue": cfg.tissue,
         "min_tissue": cfg.min_tissue,
-        # only when given: stores made before the option existed keep their digest
-        **({"exclude_pen": True} if cfg.exclude_pen else {}),
+        # only when it acts: stores made before the option existed keep their digest
+        **({"exclude_pen": list(pens)} if (pens := _pens(cfg)) else {}),
         "thumbnail_px": cfg.thumbnail_px,
         "pixels": cfg.pixels,
         "compression": cfg.compression if cfg.pixels else None,
@@ -321,7 +328,7 @@ def _build_store(
         keep = np.ones(len(level0_xy), bool)
     else:
         thumb = slide.thumbnail(cfg.thumbnail_px, pool=pool)
-        mask = tissue_mask(thumb, cfg.tissue, exclude_pen=cfg.exclude_pen)
+        mask = tissue_mask(thumb, cfg.tissue, exclude_pen=_pens(cfg))
         tissue = patch_tissue_fraction(mask, scale, level0_xy, choice.patch_px_level0)
         keep = tissue >= cfg.min_tissue
     level_xy, level0_xy, tissue = level_xy[keep], level0_xy[keep], tissue[keep]

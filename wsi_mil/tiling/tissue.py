@@ -12,6 +12,8 @@ images).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 from scipy import ndimage as ndi
 
@@ -41,11 +43,16 @@ MIN_OBJECT_FRACTION = 1e-4
 #: dark background: only holes smaller than this fraction of the thumbnail are filled (the
 #: dim middle of a cell); a larger field that cells enclose is background, not tissue
 MAX_DARK_HOLE_FRACTION = 5e-4
-#: marker ink (``exclude_pen``): grey levels by which green must lead red and blue (green
-#: ink), or blue lead red with green not below red (blue ink; haematoxylin is purple, red
-#: above green); near-black ink is darker than PEN_BLACK in every channel and colourless
-PEN_MARGIN = 25
-PEN_BLACK = 60
+#: marker ink colours ``tissue_mask(exclude_pen=...)`` knows (see :func:`pen_mask`)
+PEN_COLOURS = ("green", "blue", "black")
+#: green ink: grey levels by which green must lead red (H&E and DAB keep red above green)
+PEN_GREEN_MARGIN = 15
+#: blue ink: grey levels by which blue must lead red, with green not below red
+#: (haematoxylin is purple: red above green)
+PEN_BLUE_MARGIN = 50
+#: black ink: darker than this in every channel, and at most PEN_BLACK_CHROMA colourful
+PEN_BLACK = 70
+PEN_BLACK_CHROMA = 24
 
 
 def _saturation_lut() -> np.ndarray:
@@ -106,25 +113,26 @@ def foreground_score(thumb_rgb: np.ndarray) -> tuple[np.ndarray, int]:
     return score, floor
 
 
-def _score(thumb_rgb: np.ndarray) -> tuple[np.ndarray, int, bool]:
-    """:func:`foreground_score` plus whether the image has a dark background."""
+def _score(thumb_rgb: np.ndarray) -> tuple[np.ndarray, int, str]:
+    """:func:`foreground_score` plus which score it is: "dark" (dark background), "colour"
+    (brightfield saturation) or "grey" (grey brightfield)."""
     rgb = np.asarray(thumb_rgb, np.uint8)
     mx, chroma = _max_chroma(rgb)
     n = mx.size
     if n == 0:
-        return mx, MIN_SATURATION, False
+        return mx, MIN_SATURATION, "colour"
     glass = np.count_nonzero((mx >= 180) & (chroma <= GRAY_CHROMA))
     if _percentile_u8(mx, 50) < DARK_BACKGROUND and glass < GLASS_FRACTION * n:
         score = np.clip(mx.astype(np.int16) - _percentile_u8(mx, 5), 0, 255).astype(np.uint8)
         # much brighter cells (often the very signal a label is about, and any share of the
         # image) must not pull Otsu's threshold up and drop the dim ones: the score saturates
         # at DARK_SCORE_CAP, so the mask marks "clearly above the background", not brightness
-        return np.minimum(score, DARK_SCORE_CAP), MIN_CONTRAST, True
+        return np.minimum(score, DARK_SCORE_CAP), MIN_CONTRAST, "dark"
     if np.count_nonzero(chroma > 2 * GRAY_CHROMA) >= max(4, MIN_OBJECT_FRACTION * n):
-        return _saturation_of(mx, chroma), MIN_SATURATION, False
+        return _saturation_of(mx, chroma), MIN_SATURATION, "colour"
     score = np.clip(_percentile_u8(mx, 95) - mx.astype(np.int16), 0, 255)
     score[mx == 0] = 0
-    return score.astype(np.uint8), MIN_CONTRAST, False
+    return score.astype(np.uint8), MIN_CONTRAST, "grey"
 
 
 def otsu_threshold(values: np.ndarray) -> int:
@@ -146,30 +154,56 @@ def otsu_threshold(values: np.ndarray) -> int:
     return int(np.argmax(between)) + 1  # values <= argmax are background
 
 
-def pen_mask(thumb_rgb: np.ndarray) -> np.ndarray:
-    """(h, w) bool: pixels of an (h, w, 3) uint8 brightfield thumbnail that look like marker
-    ink (green, blue or black pen) rather than H&E or DAB staining.
+def pen_colours(spec: str | Sequence[str] | None) -> tuple[str, ...]:
+    """Ink colours of an ``--exclude-pen`` value: "green,black", "all", a list, or None/""
+    (none); sorted, unknown names a ConfigError."""
+    if not spec:
+        return ()
+    names = spec.split(",") if isinstance(spec, str) else list(spec)
+    names = [n.strip().lower() for n in names if n.strip()]
+    if "all" in names:
+        return PEN_COLOURS
+    unknown = sorted(set(names) - set(PEN_COLOURS))
+    if unknown:
+        raise ConfigError(
+            f"--exclude-pen {','.join(unknown)}: not an ink colour",
+            f"choose from {', '.join(PEN_COLOURS)} (comma-separated) or all",
+        )
+    return tuple(c for c in PEN_COLOURS if c in names)
 
-    H&E pixels keep red and blue above green, DAB brown red above green above blue; green
-    ink leads with green, blue ink has blue far above red and green no lower than red, and
-    black ink is dark and colourless. Stains that colour tissue green or blue (trichrome's
-    collagen, some blue haematoxylins) look like ink to this rule.
+
+def pen_mask(thumb_rgb: np.ndarray, colours: Sequence[str] = PEN_COLOURS) -> np.ndarray:
+    """(h, w) bool: pixels of an (h, w, 3) uint8 brightfield colour thumbnail that look like
+    marker ink of ``colours`` (see :data:`PEN_COLOURS`) rather than H&E or DAB staining.
+
+    H&E keeps red above green, and so does DAB brown. Green (and teal) ink leads with
+    green; blue ink has blue far above red and green no lower than red, which blue-toned
+    haematoxylin and pale IHC counterstain can have too; black ink is dark and nearly
+    colourless, as is anthracotic pigment. Pure black (a fill of unscanned area) is not ink.
+    Red ink looks like eosin and is not recognised.
     """
+    colours = pen_colours(colours)
     rgb = np.asarray(thumb_rgb, np.uint8)
     r, g, b = (rgb[..., i].astype(np.int16) for i in range(3))
-    green = (g > r + PEN_MARGIN) & (g > b)
-    blue = (b > r + 2 * PEN_MARGIN) & (g >= r)
-    mx, chroma = _max_chroma(rgb)
-    black = (mx < PEN_BLACK) & (chroma <= 2 * GRAY_CHROMA)
-    return green | blue | black
+    out = np.zeros(rgb.shape[:2], bool)
+    if "green" in colours:
+        out |= (g > r + PEN_GREEN_MARGIN) & (g >= b)
+    if "blue" in colours:
+        out |= (b > r + PEN_BLUE_MARGIN) & (g >= r)
+    if "black" in colours:
+        mx, chroma = _max_chroma(rgb)
+        out |= (mx < PEN_BLACK) & (mx > 0) & (chroma <= PEN_BLACK_CHROMA)
+    return out
 
 
 def tissue_mask(
-    thumb_rgb: np.ndarray, method: str = "otsu", exclude_pen: bool = False
+    thumb_rgb: np.ndarray, method: str = "otsu", exclude_pen: str | Sequence[str] | None = None
 ) -> np.ndarray:
-    """(h, w) bool tissue mask of an (h, w, 3) uint8 thumbnail. ``exclude_pen``: brightfield
-    pixels that look like marker ink (:func:`pen_mask`), and a margin around them, are
-    never tissue (they do not count for the threshold either)."""
+    """(h, w) bool tissue mask of an (h, w, 3) uint8 thumbnail. ``exclude_pen``: ink colours
+    (:func:`pen_colours`) whose pixels on a brightfield colour image (:func:`pen_mask`), and
+    a margin around them, are never tissue and do not count for the threshold. Ink is
+    found where it lies on glass or thinly over tissue; dense ink over tissue darkens it
+    into colours the rule does not claim."""
     if method not in TISSUE_METHODS:
         raise ConfigError(
             f"--tissue {method!r} is unknown", f"choose one of {', '.join(TISSUE_METHODS)}"
@@ -177,12 +211,14 @@ def tissue_mask(
     h, w = thumb_rgb.shape[:2]
     if method == "none":
         return np.ones((h, w), bool)
-    score, floor, dark = _score(thumb_rgb)
+    score, floor, kind = _score(thumb_rgb)
+    dark = kind == "dark"
     pen = None
-    if exclude_pen and not dark:
+    if exclude_pen and kind == "colour":
         # grown by the smoothing and closing radius: ink edges blend into glass and tissue
         k_pen = 2 * max(1, round(min(h, w) / 400)) + 5
-        pen = max_filter(pen_mask(thumb_rgb).astype(np.uint8), k_pen).astype(bool)
+        ink = pen_mask(thumb_rgb, pen_colours(exclude_pen))
+        pen = max_filter(ink.astype(np.uint8), k_pen).astype(bool)
         score = np.where(pen, 0, score).astype(np.uint8)
     score = mean_filter(score, 5)
     thr = max(otsu_threshold(score), floor)
