@@ -136,6 +136,11 @@ def write_slide(
     return path
 
 
+def slide_path(size: int, quality: int) -> Path:
+    """bench/out/bench_tile_<size>[_q<quality>].tiff (quality 90, the first one, unsuffixed)."""
+    return OUT / (f"bench_tile_{size}" + ("" if quality == 90 else f"_q{quality}") + ".tiff")
+
+
 def level0_bits_per_px(slide: Path) -> float:
     """Compressed bits per pixel of the slide's level 0 (its JPEG tiles' bytes)."""
     import tifffile
@@ -331,9 +336,7 @@ def main() -> None:
     workers = a.workers or available_cpus()
     OUT.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    # the quality-90 slide of earlier versions kept its name
-    name = f"bench_tile_{a.size}" + ("" if a.quality == 90 else f"_q{a.quality}")
-    slide = write_slide(OUT / f"{name}.tiff", a.size, quality=a.quality, workers=workers)
+    slide = write_slide(slide_path(a.size, a.quality), a.size, quality=a.quality, workers=workers)
     load0 = os.getloadavg()
     print(
         f"slide {slide} (JPEG quality {a.quality}, level 0 {level0_bits_per_px(slide):.2f} "
@@ -423,8 +426,9 @@ def main() -> None:
         "thumbnail + QC PNG"
     )
     if a.big:
-        big_name = f"bench_tile_{a.big_size}" + ("" if a.quality == 90 else f"_q{a.quality}")
-        big = write_slide(OUT / f"{big_name}.tiff", a.big_size, quality=a.quality, workers=workers)
+        big = write_slide(
+            slide_path(a.big_size, a.quality), a.big_size, quality=a.quality, workers=workers
+        )
         work = Path(tempfile.mkdtemp(prefix="bench_tile_big_", dir=OUT))
         try:
             cmd = [

@@ -208,12 +208,12 @@ def open_features(
                     "expected CLAM/TRIDENT layout: root 'features' (N, D) and 'coords' (N, 2)",
                 )
             feats = np.asarray(f["features"][:], np.float32)
-            attrs = {k: _plain(v) for k, v in f.attrs.items()}
-            attrs.update({f"features_{k}": _plain(v) for k, v in f["features"].attrs.items()})
+            attrs = {k: plain_attr(v) for k, v in f.attrs.items()}
+            attrs.update({f"features_{k}": plain_attr(v) for k, v in f["features"].attrs.items()})
             coords = None
             if "coords" in f:
                 coords = np.asarray(f["coords"][:], np.int64)
-                attrs.update({f"coords_{k}": _plain(v) for k, v in f["coords"].attrs.items()})
+                attrs.update({f"coords_{k}": plain_attr(v) for k, v in f["coords"].attrs.items()})
     except StoreError:
         raise
     except OSError as e:
@@ -301,7 +301,7 @@ def _read_coords_h5(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
                     "pass the CLAM/TRIDENT patches or h5_files file of this slide",
                 )
             return np.asarray(f["coords"][:], np.int64), {
-                k: _plain(v) for k, v in f["coords"].attrs.items()
+                k: plain_attr(v) for k, v in f["coords"].attrs.items()
             }
     except OSError as e:
         raise StoreError(f"{path}: unreadable HDF5 coords file ({e})") from None
@@ -426,7 +426,9 @@ def find_feature_file(features_dir: str | os.PathLike, slide_id: str) -> Path | 
     return None
 
 
-def _plain(v: Any) -> Any:
+def plain_attr(v: Any) -> Any:
+    """An HDF5 attr value as plain Python: bytes -> str, numpy scalar -> Python scalar,
+    array -> list."""
     if isinstance(v, bytes):
         return v.decode()
     if isinstance(v, np.generic):

@@ -212,8 +212,6 @@ def current_store(
 ) -> PatchStore | None:
     """The store at ``final`` if it is complete, of the same slide file, and its parameters
     digest is one of ``digests`` (see :func:`current_digests`); else None."""
-    if isinstance(digests, str):
-        digests = {digests}
     if not final.exists():
         return None
     try:

@@ -47,7 +47,7 @@ from wsi_mil.batch import (
 )
 from wsi_mil.config import PredictConfig
 from wsi_mil.errors import ConfigError, DataError, StoreError
-from wsi_mil.features.feature_store import open_features
+from wsi_mil.features.feature_store import open_features, plain_attr
 from wsi_mil.mil.bags import (
     Bag,
     bag_from_feature_bag,
@@ -499,15 +499,6 @@ def _check_folder_fits(model: PositionalAttentionMIL, store: Path) -> None:
     # no coords here may still mean coords next door (CLAM pt_files + h5): not decided here
 
 
-def _attr_value(v: Any) -> Any:
-    """An HDF5 attr as a plain Python value (str, int, float, bool)."""
-    if isinstance(v, bytes):
-        return v.decode()
-    if isinstance(v, np.generic):
-        return v.item()
-    return v
-
-
 def _read_current(path: Path, inputs: dict[str, Any]) -> tuple[float, dict[str, Any]] | None:
     """(probability, attrs) of attention file ``path`` if its probability was computed from
     ``inputs``, else None. Files of earlier versions also recorded the slide's label and
@@ -516,14 +507,14 @@ def _read_current(path: Path, inputs: dict[str, Any]) -> tuple[float, dict[str, 
         return None
     try:
         with h5py.File(path, "r") as f:
-            recorded = json.loads(str(_attr_value(f.attrs.get("inputs", "null"))))
+            recorded = json.loads(str(plain_attr(f.attrs.get("inputs", "null"))))
             if isinstance(recorded, dict):
                 recorded = {k: v for k, v in recorded.items() if k not in LEGACY_INPUT_KEYS}
             if recorded != json.loads(json.dumps(inputs)):
                 return None
             if not ("coords" in f and "attention" in f):
                 return None
-            attrs = {k: _attr_value(f.attrs[k]) for k in f.attrs}
+            attrs = {k: plain_attr(f.attrs[k]) for k in f.attrs}
             return float(attrs["prob"]), attrs
     except (OSError, KeyError, ValueError, TypeError):  # unreadable or too old: redo it
         return None
@@ -573,8 +564,8 @@ def tiling_significant_bits(
         try:
             with h5py.File(store, "r") as f:
                 if "significant_bits" in f.attrs:
-                    return int(_attr_value(f.attrs["significant_bits"]) or 0)
-                src = str(_attr_value(f.attrs.get("source_store", "")) or "")
+                    return int(plain_attr(f.attrs["significant_bits"]) or 0)
+                src = str(plain_attr(f.attrs.get("source_store", "")) or "")
         except (OSError, TypeError, ValueError):
             src = ""
         if src and Path(src).exists():

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -85,6 +86,12 @@ def to_uint8(a: np.ndarray, bits: int | None = None) -> np.ndarray:
         shift = max(0, nbits - 8)
         return np.clip(a.astype(np.int64) >> shift, 0, 255).astype(np.uint8)
     return np.clip(np.nan_to_num(a.astype(np.float32)) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def tiff_alpha(extrasamples: Any) -> str | None:
+    """The alpha mode of a TIFF's first ExtraSamples value (1 associated = "premultiplied",
+    2 unassociated = "straight"; None: no alpha, or an unspecified extra sample)."""
+    return {1: "premultiplied", 2: "straight"}.get(int(extrasamples[0])) if extrasamples else None
 
 
 def to_rgb(a: np.ndarray, alpha: str | None = None) -> np.ndarray:

@@ -30,6 +30,7 @@ from wsi_mil.slides.backends._util import (
     is_tiff_file,
     lower_name,
     quiet_readers,
+    tiff_alpha,
     to_rgb,
     to_uint8,
 )
@@ -338,9 +339,7 @@ class ImageSlide(Slide):
             a = np.moveaxis(a, 0, -1)
         if a.dtype.itemsize == 1:  # 8-bit TIFFs Pillow cannot read: as before
             return to_rgb(to_uint8(a, self.significant_bits))
-        alpha = None
-        if spp >= 4 and photometric == 2 and extra:
-            alpha = {1: "premultiplied", 2: "straight"}.get(int(extra[0]))
+        alpha = tiff_alpha(extra) if spp >= 4 and photometric == 2 else None
         if alpha is not None and a.ndim == 3 and a.shape[2] > 4:
             a = a[:, :, :4]
         # as the tiff backend: --significant-bits, else BitsPerSample (e.g. 12 in packed 12-bit)

@@ -38,6 +38,7 @@ from wsi_mil.slides.backends._util import (
     is_tiff_file,
     lower_name,
     quiet_readers,
+    tiff_alpha,
     to_rgb,
     to_uint8,
 )
@@ -271,9 +272,7 @@ class TiffSlide(Slide):
             raise SlideError(
                 f"{self.path}: uncompressed YCbCr TIFF is not supported by the tiff backend"
             )
-        alpha = None
-        if spp >= 4 and photometric in (2, 6) and page.extrasamples:
-            alpha = {1: "premultiplied", 2: "straight"}.get(int(page.extrasamples[0]))
+        alpha = tiff_alpha(page.extrasamples) if spp >= 4 and photometric in (2, 6) else None
         colormap = None
         if photometric == 3:
             cm = np.asarray(page.colormap)
