@@ -104,3 +104,40 @@ def test_aligned_chunks_request_o_direct(tmp_path, monkeypatch):
     flags.clear()
     write_new_file(tmp_path / "b", data[1:])  # unaligned: plain buffered open
     assert flags and not flags[0] & os.O_DIRECT
+
+
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+@pytest.mark.parametrize("full_size", [False, True])
+def test_short_last_chunk_files_equal_zarrs_own(tmp_path, compression, full_size):
+    """The last chunk, given short or full size (padded with the fill value, as tiling hands
+    it over), is stored byte for byte as zarr itself stores it."""
+    from wsi_mil.tiling.patch_store import PatchStoreWriter
+
+    n, p = 70, 8  # two chunks of 64: the second holds 6 patches
+    px = np.random.default_rng(1).integers(0, 256, (n, p, p, 3), dtype=np.uint8)
+    coords = np.stack([np.arange(n) * p, np.zeros(n, np.int64)], 1)
+    attrs = {"patch_size": p}
+    with PatchStoreWriter(
+        tmp_path / "ours.zarr", coords, attrs, chunk_patches=64, compressors=compression
+    ) as w:
+        w.write_chunk_async(0, px[:64]).result()
+        last = px[64:]
+        if full_size:
+            last = np.full((64, p, p, 3), w.fill_value, np.uint8)
+            last[: n - 64] = px[64:]
+        w.write_chunk_async(64, last).result()
+        w.commit()
+    ref = zarr.create_array(
+        str(tmp_path / "ref.zarr"),
+        shape=px.shape,
+        chunks=(64, p, p, 3),
+        dtype="uint8",
+        fill_value=255,
+        compressors=pixel_compressors(compression),
+        chunk_key_encoding={"name": "default", "separator": "."},
+    )
+    ref[:] = px
+    for i in (0, 1):
+        ours = (tmp_path / "ours.zarr" / "pixels" / f"c.{i}.0.0.0").read_bytes()
+        assert ours == (tmp_path / "ref.zarr" / f"c.{i}.0.0.0").read_bytes()
+    np.testing.assert_array_equal(zarr.open_group(str(tmp_path / "ours.zarr"))["pixels"][:], px)

@@ -447,6 +447,9 @@ class PatchStoreWriter:
     that encode and write chunks (default: the CPUs this process may use).
     """
 
+    #: value of pixels past the last patch (zarr stores the last chunk full size)
+    fill_value = 255
+
     def __init__(
         self,
         final: str | os.PathLike,
@@ -490,7 +493,7 @@ class PatchStoreWriter:
                 shape=(n, p, p, 3),
                 chunks=(max(1, min(self.chunk_patches, n)), p, p, 3),
                 dtype="uint8",
-                fill_value=255,
+                fill_value=self.fill_value,
                 # chunk files c.<i>.0.0.0 side by side: no directory to create per chunk
                 chunk_key_encoding={"name": "default", "separator": "."},
                 **kw,
@@ -519,10 +522,15 @@ class PatchStoreWriter:
         """Encode and write ONE chunk (rows [start, start + n), ``start`` chunk-aligned, n = the
         chunk size or the rows left) in the writer's thread pool. ``arr`` must stay unchanged
         until the returned future is done; its ``result()`` raises what the write raised.
+
+        The last chunk may also be given full size, its rows past the end holding
+        :attr:`fill_value` (as zarr stores it): it is then written without a copy.
         """
         arr = np.asarray(arr, np.uint8)
         cp, n_total = self.pixels.chunks[0], len(self.coords)
-        if len(arr) != min(cp, n_total - start) or not self._direct(start, len(arr)):
+        n = min(cp, n_total - start)
+        if len(arr) not in (n, cp) or not self._direct(start, n):
+            arr = arr[:n] if len(arr) == cp > n else arr  # rows past the end are not data
             done: Future = Future()
             try:
                 self.write_pixels(start, arr)
@@ -553,7 +561,7 @@ class PatchStoreWriter:
         if len(block) < cp:  # the last chunk is stored full size, padded with the fill value
             full = aligned_empty((cp,) + block.shape[1:])
             full[: len(block)] = block
-            full[len(block) :] = 255
+            full[len(block) :] = self.fill_value
             block = full
         block = np.ascontiguousarray(block)
         if self.compressors == "none" and DIRECT_IO and block.ctypes.data % IO_ALIGN:
