@@ -94,9 +94,13 @@ def test_each_native_tile_read_once(backend_slides, case, patch):
         assert grid is not None
         tiles: list[tuple[int, int]] = []  # native tiles inside the image that were decoded
         w0, h0 = slide.dimensions
-        orig_region, orig_tile = slide.read_level_region, slide.read_tile
+        orig_region, orig_tile, orig_tiles = (
+            slide.read_level_region,
+            slide.read_tile,
+            slide.read_tiles,
+        )
 
-        in_tile = threading.local()  # the default read_tile reads its tile's window
+        in_tile = threading.local()  # the default read_tile(s) read their tile's window
 
         def spy_region(level, lx, ly, w, h):
             if getattr(in_tile, "on", False):
@@ -110,6 +114,8 @@ def test_each_native_tile_read_once(backend_slides, case, patch):
             return orig_region(level, lx, ly, w, h)
 
         def spy_tile(level, col, row, out=None):
+            if getattr(in_tile, "on", False):  # called by the default read_tiles
+                return orig_tile(level, col, row, out)
             tiles.append((col * grid.tile_w, row * grid.tile_h))
             in_tile.on = True
             try:
@@ -117,13 +123,24 @@ def test_each_native_tile_read_once(backend_slides, case, patch):
             finally:
                 in_tile.on = False
 
+        def spy_tiles(level, cols_rows, out=None):
+            cols_rows = list(cols_rows)
+            tiles.extend((c * grid.tile_w, r * grid.tile_h) for c, r in cols_rows)
+            in_tile.on = True
+            try:
+                yield from orig_tiles(level, cols_rows, out)
+            finally:
+                in_tile.on = False
+
         slide.read_level_region, slide.read_tile = spy_region, spy_tile
+        slide.read_tiles = spy_tiles
         from wsi_mil.tiling.grid import grid_level_xy
 
         xy = grid_level_xy(*slide.dimensions, 40)  # patch 72, stride 40: heavy overlap
         with ThreadPoolExecutor(2) as pool:
             chunks = list(iter_patch_chunks(slide, 0, xy, 72, patch, 16, pool))
         slide.read_level_region, slide.read_tile = orig_region, orig_tile
+        slide.read_tiles = orig_tiles
         got = np.concatenate([a for _, a in chunks])
         np.testing.assert_array_equal(got, read_patches_from_slide(slide, xy, 0, patch, 72))
     assert len(tiles) == len(set(tiles)), "a native tile was decoded twice"

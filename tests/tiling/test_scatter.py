@@ -165,30 +165,33 @@ def _reference(slide, level, xy, patch) -> np.ndarray:
 
 
 class ReadSpy:
-    """Wraps a real slide's ``read_tile``: counts calls and calls in progress, can slow it."""
+    """Wraps a real slide's ``read_tiles`` (what tiling reads tiles with): counts tiles read
+    and reads in progress, can slow each tile."""
 
     def __init__(self, slide, delay: float = 0.0) -> None:
-        self.slide, self.orig, self.delay = slide, slide.read_tile, delay
+        self.slide, self.orig, self.delay = slide, slide.read_tiles, delay
         self.lock = threading.Lock()
         self.active = self.calls = 0
         self.threads: set[int] = set()
-        slide.read_tile = self
+        slide.read_tiles = self
 
-    def __call__(self, level, col, row, out=None):
-        with self.lock:
-            self.active += 1
-            self.calls += 1
-            self.threads.add(threading.get_ident())
-        try:
-            if self.delay:
-                time.sleep(self.delay)
-            return self.orig(level, col, row, out)
-        finally:
+    def __call__(self, level, cols_rows, out=None):
+        for col, row in cols_rows:
             with self.lock:
-                self.active -= 1
+                self.active += 1
+                self.calls += 1
+                self.threads.add(threading.get_ident())
+            try:
+                if self.delay:
+                    time.sleep(self.delay)
+                tile = next(self.orig(level, [(col, row)], out))
+            finally:
+                with self.lock:
+                    self.active -= 1
+            yield tile
 
     def remove(self) -> None:
-        self.slide.read_tile = self.orig
+        del self.slide.read_tiles  # the class's again
 
 
 #: ImageDescription that makes OpenSlide read a TIFF as Aperio SVS
@@ -571,16 +574,18 @@ def test_coordinate_types(slide_paths, pools, xy_type):
 
 
 class _FlipOneTile:
-    """Wraps a real slide's read_tile and changes one pixel of one tile."""
+    """Wraps a real slide's read_tiles and changes one pixel of one tile."""
 
     def __init__(self, slide) -> None:
-        self.orig = slide.read_tile
+        self.orig = slide.read_tiles
 
-    def __call__(self, level, col, row, out=None):
-        tile = self.orig(level, col, row, out).copy()
-        if (col, row) == (1, 1):
-            tile[5, 7] ^= 0xFF
-        return tile
+    def __call__(self, level, cols_rows, out=None):
+        cols_rows = list(cols_rows)
+        for (col, row), tile in zip(cols_rows, self.orig(level, cols_rows, out), strict=True):
+            if (col, row) == (1, 1):
+                tile = tile.copy()
+                tile[5, 7] ^= 0xFF
+            yield tile
 
 
 @pytest.mark.parametrize("breakage", ["tile-pixel", "pad-value"])
@@ -590,7 +595,7 @@ def test_iteration_checker_is_not_vacuous(monkeypatch, slide_paths, image, break
         xy = _coords("sparse", *slide.level_dimensions[0], 70, 23, seed=1)
         _check_iter(monkeypatch, slide, 0, xy, 70, (7, 3, None, True, 16), image)
         if breakage == "tile-pixel":
-            slide.read_tile = _FlipOneTile(slide)
+            slide.read_tiles = _FlipOneTile(slide)
         else:
             monkeypatch.setattr(read_mod, "PAD_VALUE", 254)
         with pytest.raises(AssertionError):

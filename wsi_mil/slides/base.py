@@ -123,6 +123,18 @@ class Slide(abc.ABC):
         tw, th = grid.tile_w, grid.tile_h
         return self.read_level_region(level, col * tw, row * th, tw, th)
 
+    def read_tiles(
+        self, level: int, tiles: Iterable[tuple[int, int]], out: np.ndarray | None = None
+    ) -> Iterator[np.ndarray]:
+        """:meth:`read_tile` of each native tile ``(col, row)`` in ``tiles``, in order.
+
+        A yielded array may be ``out``, overwritten by the next tile: use each before asking
+        for the next. Backends that decode tiles from a file read runs of tiles adjacent in
+        it with one read call (tiling asks for tiles in row-major order).
+        """
+        for col, row in tiles:
+            yield self.read_tile(level, col, row, out)
+
     def get_best_level_for_downsample(self, downsample: float) -> int:
         """Coarsest level whose downsample is <= ``downsample`` (+0.1% tolerance)."""
         best = 0

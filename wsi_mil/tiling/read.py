@@ -2,7 +2,7 @@
 
 Fast path (:func:`iter_patch_chunks`), for levels stored in native tiles of >= 64 px: every
 native tile that any patch overlaps is decoded exactly once, in a thread pool, into that
-thread's reused scratch buffer (``Slide.read_tile``), and its pieces are copied straight
+thread's reused scratch buffer (``Slide.read_tiles``), and its pieces are copied straight
 into the chunk buffers of the patches that overlap it (a *scatter*) while the tile is still
 in the CPU cache. A chunk is yielded when every tile it needs is done. Patches read larger
 and resized (``--mpp`` between levels) are scattered into level-resolution sub-chunks and
@@ -447,8 +447,10 @@ def _iter_scatter(
         out = tile_scratch(tile_h, tile_w)
         p0 = int(piece_at[b])
         mine = pieces[p0 : piece_at[b + 1]].tolist()
-        for t in range(task_tiles[b], task_tiles[b + 1]):
-            tile = slide.read_tile(level, cols[t], rows[t], out=out)
+        t0, t1 = task_tiles[b], task_tiles[b + 1]
+        # one call for the task's tiles: a backend reads tiles adjacent in the file at once
+        tiles = slide.read_tiles(level, zip(cols[t0:t1], rows[t0:t1], strict=True), out=out)
+        for t, tile in zip(range(t0, t1), tiles, strict=True):
             for j, k, sy, sx, h, w, dy, dx in mine[start[t] - p0 : start[t + 1] - p0]:
                 buffers[j][k, dy : dy + h, dx : dx + w] = tile[sy : sy + h, sx : sx + w]
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -119,3 +121,58 @@ def to_rgb(a: np.ndarray, alpha: str | None = None) -> np.ndarray:
     else:
         out = (rgb16 * al + 255 * inv + 127) // 255
     return np.clip(out, 0, 255).astype(np.uint8)
+
+
+#: adjacent tiles are read with one read call when the bytes between them are at most this
+READ_RUN_MAX_GAP = 64 << 10
+#: ... and the whole run is at most this many bytes
+READ_RUN_MAX_BYTES = 16 << 20
+
+
+def byte_runs(
+    offsets: Sequence[int],
+    counts: Sequence[int],
+    max_gap: int = READ_RUN_MAX_GAP,
+    max_bytes: int = READ_RUN_MAX_BYTES,
+) -> list[tuple[int, int, int, int]]:
+    """Group file segments, in the given order, into runs read with one call each.
+
+    ``offsets``/``counts`` (n,): byte offset and length of each segment; a segment of length
+    0 (a missing tile) is a run of its own. Consecutive segments share a run while each
+    starts at most ``max_gap`` bytes past the previous one's end (never before it) and the
+    run spans at most ``max_bytes``. Returns ``(first, stop, byte_start, byte_stop)`` per run:
+    segments ``[first, stop)`` lie in file bytes ``[byte_start, byte_stop)``.
+    """
+    runs: list[tuple[int, int, int, int]] = []
+    n = len(offsets)
+    i = 0
+    while i < n:
+        start, end = int(offsets[i]), int(offsets[i]) + int(counts[i])
+        j = i + 1
+        if counts[i] and offsets[i]:
+            while j < n and counts[j] and offsets[j]:
+                o, c = int(offsets[j]), int(counts[j])
+                if not (end <= o <= end + max_gap) or o + c - start > max_bytes:
+                    break
+                end = o + c
+                j += 1
+        runs.append((i, j, start, end))
+        i = j
+    return runs
+
+
+def read_segments(
+    fd: int, offsets: Sequence[int], counts: Sequence[int]
+) -> Iterator[memoryview | None]:
+    """The bytes of each file segment, in order, read in :func:`byte_runs` (one ``os.pread``
+    per run: tiling's tiles are mostly adjacent in the file). None for a missing segment
+    (offset or length 0); a segment past the end of the file comes back short. ``OSError``
+    of a read propagates."""
+    for first, stop, b0, b1 in byte_runs(offsets, counts):
+        if not counts[first] or not offsets[first]:
+            yield None
+            continue
+        run = memoryview(os.pread(fd, b1 - b0, b0))
+        for k in range(first, stop):
+            at = int(offsets[k]) - b0
+            yield run[at : at + int(counts[k])]

@@ -14,9 +14,11 @@ bit-identically to OpenSlide's on first use; otherwise it reads through OpenSlid
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,13 @@ import numpy as np
 
 from wsi_mil.errors import SlideError
 from wsi_mil.slides import register_backend
-from wsi_mil.slides.backends._util import is_tiff_file, lower_name, quiet_readers, to_rgb
+from wsi_mil.slides.backends._util import (
+    is_tiff_file,
+    lower_name,
+    quiet_readers,
+    read_segments,
+    to_rgb,
+)
 from wsi_mil.slides.base import Slide, TileGrid
 
 log = logging.getLogger(__name__)
@@ -141,42 +149,76 @@ class OpenSlideSlide(Slide):
         array (else into a new one); missing tiles, levels without the fast path and tiles
         the decoder refuses go through :meth:`read_level_region` (OpenSlide).
         """
+        return next(self.read_tiles(level, [(col, row)], out))
+
+    def read_tiles(
+        self, level: int, tiles: Iterable[tuple[int, int]], out: np.ndarray | None = None
+    ) -> Iterator[np.ndarray]:
+        """:meth:`read_tile` of each tile in order; on the fast path, tiles adjacent in the
+        file are read with one ``os.pread`` (:func:`read_segments`)."""
         self._check_level(level)
         fast = self._fast.get(level, ...)
         if fast is ...:
             fast = self._setup_fast_level(level)
-        if fast is not None and 0 <= col < fast.n_across and 0 <= row < fast.n_down:
+        tiles = list(tiles)
+        if fast is None or self._fd is None:
+            for col, row in tiles:
+                yield Slide.read_tile(self, level, col, row, out)
+            return
+        # tiles outside the grid read nothing (length 0) and go through OpenSlide
+        segs = [
+            row * fast.n_across + col if 0 <= col < fast.n_across and 0 <= row < fast.n_down else -1
+            for col, row in tiles
+        ]
+        datas: Iterator[memoryview | None] = read_segments(
+            self._fd,
+            [int(fast.offsets[s]) if s >= 0 else 0 for s in segs],
+            [int(fast.counts[s]) if s >= 0 else 0 for s in segs],
+        )
+        for col, row in tiles:
             try:
-                tile = self._decode_fast(fast, col, row, out)
-            except Exception as e:  # noqa: BLE001 - a decoder failure is a bad slide, not a bug
-                raise SlideError(
-                    f"{self.path}: cannot decode level {level} tile ({col}, {row}): {e}",
-                    "the file may be truncated or corrupt",
-                ) from None
-            if tile is not None:
-                return tile
-        return super().read_tile(level, col, row, out)  # read_level_region: SlideError on failure
+                data = next(datas)
+            except OSError:  # the rest through OpenSlide, which reads them or reports why
+                data, datas = None, itertools.repeat(None)
+            tile = None
+            if data is not None:
+                try:
+                    tile = self._decode_fast(fast, col, row, out, data)
+                except Exception as e:  # noqa: BLE001 - a decoder failure is a bad slide
+                    raise SlideError(
+                        f"{self.path}: cannot decode level {level} tile ({col}, {row}): {e}",
+                        "the file may be truncated or corrupt",
+                    ) from None
+            # missing tiles, short reads and tiles the decoder refuses: read_level_region
+            # (OpenSlide; a SlideError on failure)
+            yield tile if tile is not None else Slide.read_tile(self, level, col, row, out)
 
     def _decode_fast(
-        self, fast: _FastLevel, col: int, row: int, out: np.ndarray | None
+        self,
+        fast: _FastLevel,
+        col: int,
+        row: int,
+        out: np.ndarray | None,
+        data: bytes | memoryview | None = None,
     ) -> np.ndarray | None:
-        """The tile decoded from the file, or None (missing, short read, decoder refused)."""
+        """The tile decoded from its file bytes ``data`` (default: read here), or None
+        (missing, short read, decoder refused)."""
         from wsi_mil.slides.backends.tiff_backend import decode_jpeg_tile
 
         seg = row * fast.n_across + col
         offset, count = int(fast.offsets[seg]), int(fast.counts[seg])
-        fd = self._fd
-        if not offset or not count or fd is None:
-            return None  # OpenSlide paints a missing tile transparent: white after compositing
+        if data is None:
+            if not offset or not count or self._fd is None:
+                return None  # OpenSlide paints a missing tile transparent: white after compositing
+            try:
+                data = os.pread(self._fd, count, offset)
+            except OSError:
+                return None  # OpenSlide reads it or reports the error
+        if len(data) < count:
+            return None  # OpenSlide reports the truncation
         shape = (fast.tile_h, fast.tile_w, 3)
         if out is None or out.shape != shape or out.dtype != np.uint8 or not out.flags.c_contiguous:
             out = np.empty(shape, np.uint8)
-        try:
-            data = os.pread(fd, count, offset)
-        except OSError:
-            return None  # OpenSlide reads it or reports the error
-        if len(data) < count:
-            return None  # OpenSlide reports the truncation
         return decode_jpeg_tile(data, fast.codec, out)
 
     def _setup_fast_level(self, level: int) -> _FastLevel | None:

@@ -19,10 +19,12 @@ significant bits (OME ``SignificantBits``, else BitsPerSample).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import re
 import threading
 from collections import OrderedDict
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,7 @@ from wsi_mil.slides.backends._util import (
     is_tiff_file,
     lower_name,
     quiet_readers,
+    read_segments,
     tiff_alpha,
     to_rgb,
     to_uint8,
@@ -387,18 +390,37 @@ class TiffSlide(Slide):
         8-bit RGB/YCbCr JPEG tiles are decoded by libjpeg-turbo straight into ``out`` when
         it is given with the tile's shape: no allocation and no copy per tile.
         """
+        return next(self.read_tiles(level, [(col, row)], out))
+
+    def read_tiles(
+        self, level: int, tiles: Iterable[tuple[int, int]], out: np.ndarray | None = None
+    ) -> Iterator[np.ndarray]:
+        """:meth:`read_tile` of each tile in order; JPEG tiles adjacent in the file are read
+        with one ``os.pread`` (:func:`read_segments`)."""
         self._check_level(level)
         lv = self._levels[level]
+        tiles = list(tiles)
         if not lv.tiled:
-            return super().read_tile(level, col, row, out)
-        seg = row * lv.n_across + col
-        try:
-            if lv.jpeg is not None and out is not None and out.shape == (lv.seg_h, lv.seg_w, 3):
-                page = lv.pages[0]
-                offset, count = page.dataoffsets[seg], page.databytecounts[seg]
-                if offset and count:
-                    data = os.pread(self._fd, count, offset)
-                    if len(data) < count:
+            for col, row in tiles:
+                yield Slide.read_tile(self, level, col, row, out)
+            return
+        segs = [row * lv.n_across + col for col, row in tiles]
+        page = lv.pages[0]
+        direct = lv.jpeg is not None and out is not None and out.shape == (lv.seg_h, lv.seg_w, 3)
+        datas: Iterator[memoryview | None] = (
+            read_segments(
+                self._fd,
+                [page.dataoffsets[s] for s in segs],
+                [page.databytecounts[s] for s in segs],
+            )
+            if direct
+            else itertools.repeat(None)
+        )
+        for (col, row), seg in zip(tiles, segs, strict=True):
+            try:
+                data, tile = next(datas), None
+                if data is not None:
+                    if len(data) < page.databytecounts[seg]:
                         raise SlideError(
                             f"{self.path}: tile {seg} is truncated",
                             "the file may be truncated or corrupt",
@@ -406,15 +428,15 @@ class TiffSlide(Slide):
                     # a tile this cannot decode in place (odd JPEG dimensions, say) goes the
                     # general way below, which raises if the tile is really broken
                     tile = decode_jpeg_tile(data, lv.jpeg, out)
-                    if tile is not None:
-                        return tile
-            return self._decode_tile(lv, seg)
-        except SlideError:
-            raise
-        except Exception as e:  # noqa: BLE001 - any decoder failure is a bad slide, not a bug
-            raise SlideError(
-                f"{self.path}: cannot decode level {level} tile ({col}, {row}): {first_line(e)}"
-            ) from None
+                if tile is None:
+                    tile = self._decode_tile(lv, seg)
+            except SlideError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any decoder failure is a bad slide, not a bug
+                raise SlideError(
+                    f"{self.path}: cannot decode level {level} tile ({col}, {row}): {first_line(e)}"
+                ) from None
+            yield tile
 
     def _tile(self, level: int, lv: _Level, row: int, col: int) -> np.ndarray:
         """Decoded (seg_h, seg_w, 3) uint8 RGB tile (edge tiles padded), via the LRU cache."""
