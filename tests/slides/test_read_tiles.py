@@ -108,3 +108,25 @@ def test_file_cut_after_opening(tmp_path, jpeg_tiff, backend):
             np.testing.assert_array_equal(next(got), want[c])
         with pytest.raises(SlideError, match="tile 5 is truncated" if backend == "tiff" else None):
             next(got)
+
+
+def test_tiles_outside_the_grid_and_corrupt_tiles_in_a_run(tmp_path, jpeg_tiff):
+    path = tmp_path / "bad.tiff"
+    path.write_bytes(jpeg_tiff.read_bytes())
+    with open_slide(path, backend="tiff") as probe:
+        page = probe._levels[0].pages[0]
+        offset, count = int(page.dataoffsets[3]), int(page.databytecounts[3])
+        with pytest.raises(ValueError, match=r"tile \(0, 5\) is outside level 0"):
+            list(probe.read_tiles(0, [(0, 0), (0, 5)]))
+        with pytest.raises(ValueError, match="outside"):
+            probe.read_tile(0, -1, 0)
+    with open(path, "r+b") as f:  # tile 3 of row 0: garbage in the middle of a run
+        f.seek(offset + 2)
+        f.write(b"\x00\xff" * ((count - 4) // 2))
+    with open_slide(path, backend="tiff") as slide:
+        out = np.empty((TILE, TILE, 3), np.uint8)
+        got = slide.read_tiles(0, [(c, 0) for c in range(6)], out=out)
+        for _ in range(3):
+            next(got)
+        with pytest.raises(SlideError, match=r"tile \(3, 0\)"):
+            next(got)

@@ -141,3 +141,40 @@ def test_short_last_chunk_files_equal_zarrs_own(tmp_path, compression, full_size
         ours = (tmp_path / "ours.zarr" / "pixels" / f"c.{i}.0.0.0").read_bytes()
         assert ours == (tmp_path / "ref.zarr" / f"c.{i}.0.0.0").read_bytes()
     np.testing.assert_array_equal(zarr.open_group(str(tmp_path / "ours.zarr"))["pixels"][:], px)
+
+
+@pytest.mark.parametrize("n_patches", [1, 8, 10])
+def test_a_store_smaller_than_one_chunk_has_one_chunk_file(tmp_path, n_patches):
+    """Fewer patches than CHUNK_PATCHES: one chunk of n_patches rows, one file (the padded
+    last-chunk buffer must not spill into chunk files past the end)."""
+    from slide_factory import make_pyramidal_tiff, test_image
+
+    img = test_image(32, 32 * n_patches, seed=n_patches)
+    path = make_pyramidal_tiff(tmp_path / "s.tiff", img, 1, 16, compression="jpeg")
+    for compression in ("none", "zstd"):
+        work = tmp_path / compression
+        cfg = TileConfig(
+            work=work, tissue="none", patch_size=32, workers=2, compression=compression
+        )
+        assert tile_slides(cfg, [SlideEntry("s", path)], progress=False).exit_code == 0
+        store = PatchStore.open(work / "patches" / "s.zarr")
+        assert len(store) == n_patches
+        assert sorted(p.name for p in (store.path / "pixels").iterdir()) == [
+            "c.0.0.0.0",
+            "zarr.json",
+        ]
+        with open_slide(path) as slide:
+            want = read_patches_from_slide(slide, store.coords, 0, 32, 32)
+        np.testing.assert_array_equal(store.pixels(0, n_patches), want)
+
+
+def test_write_chunk_async_refuses_rows_that_are_not_one_chunk(tmp_path):
+    from wsi_mil.tiling.patch_store import PatchStoreWriter
+
+    px = np.zeros((70, 8, 8, 3), np.uint8)
+    coords = np.zeros((70, 2), np.int64)
+    with PatchStoreWriter(tmp_path / "s.zarr", coords, {"patch_size": 8}) as w:
+        for start, rows in ((0, 10), (5, 64), (64, 7), (128, 6), (64, 63)):
+            with pytest.raises(ValueError, match="not one chunk"):
+                w.write_chunk_async(start, px[:rows])
+        w.write_chunk_async(64, px[:6]).result()  # the short last chunk, as it is

@@ -129,8 +129,10 @@ class Slide(abc.ABC):
         """:meth:`read_tile` of each native tile ``(col, row)`` in ``tiles``, in order.
 
         A yielded array may be ``out``, overwritten by the next tile: use each before asking
-        for the next. Backends that decode tiles from a file read runs of tiles adjacent in
-        it with one read call (tiling asks for tiles in row-major order).
+        for the next. The tiff and OpenSlide backends read runs of JPEG tiles adjacent in the
+        file with one read call (tiling asks for tiles in row-major order). A backend that
+        overrides this and makes ``read_tile`` use it must call its own class's method (this
+        default calls ``self.read_tile``).
         """
         for col, row in tiles:
             yield self.read_tile(level, col, row, out)

@@ -523,14 +523,20 @@ class PatchStoreWriter:
         chunk size or the rows left) in the writer's thread pool. ``arr`` must stay unchanged
         until the returned future is done; its ``result()`` raises what the write raised.
 
-        The last chunk may also be given full size, its rows past the end holding
-        :attr:`fill_value` (as zarr stores it): it is then written without a copy.
+        The short last chunk may also be given :attr:`chunk_rows` long, its rows past the end
+        holding :attr:`fill_value` (as zarr stores it): our own chunk-file writer then writes
+        it as it is instead of copying it into a padded buffer.
         """
         arr = np.asarray(arr, np.uint8)
-        cp, n_total = self.pixels.chunks[0], len(self.coords)
+        cp, n_total = self.chunk_rows, len(self.coords)
         n = min(cp, n_total - start)
-        if len(arr) not in (n, cp) or not self._direct(start, n):
-            arr = arr[:n] if len(arr) == cp > n else arr  # rows past the end are not data
+        if not (0 <= start < n_total and start % cp == 0 and len(arr) in (n, cp)):
+            raise ValueError(
+                f"write_chunk_async: rows [{start}, {start + len(arr)}) are not one chunk of "
+                f"{cp} rows (or the {n} left) of a {n_total}-row store"
+            )
+        if not self._direct(start, n):
+            arr = arr[:n]  # a full-size last chunk: rows past the end are not data
             done: Future = Future()
             try:
                 self.write_pixels(start, arr)
@@ -546,13 +552,19 @@ class PatchStoreWriter:
             )
         return self._encoder.submit(self._write_chunk, start // cp, arr)
 
+    @property
+    def chunk_rows(self) -> int:
+        """Patches per chunk of ``pixels`` (the chunk size asked for, or fewer in a small store)."""
+        return int(self.pixels.chunks[0])
+
     def _direct(self, start: int, n: int) -> bool:
         """Whether rows [start, start + n) can be written as whole chunk files by us."""
-        cp, n_total = self.pixels.chunks[0], len(self.coords)
+        cp, n_total = self.chunk_rows, len(self.coords)
         stop = start + n
         return (
             isinstance(self.compressors, str)
             and start % cp == 0
+            and stop <= n_total
             and (stop % cp == 0 or stop == n_total)
         )
 

@@ -452,11 +452,12 @@ def _write_pixels(
         )
         for start, arr in chunks:
             buf, n = lent.pop(arr.ctypes.data), len(arr)
-            if n < CHUNK_PATCHES:
+            cp = writer.chunk_rows  # CHUNK_PATCHES, or fewer in a store of fewer patches
+            if n < cp:
                 # the short last chunk is stored full size: pad it in its own buffer rather
                 # than have the writer copy it into a fresh one (~15 ms at the end of a slide)
-                buf[n:] = writer.fill_value
-                arr = buf
+                buf[n:cp] = writer.fill_value
+                arr = buf[:cp]
             fut = writer.write_chunk_async(start, arr)
             fut.add_done_callback(lambda _, buf=buf: free.put(buf))
             in_flight.append(fut)

@@ -124,7 +124,8 @@ def to_rgb(a: np.ndarray, alpha: str | None = None) -> np.ndarray:
 
 
 #: adjacent tiles are read with one read call when the bytes between them are at most this
-READ_RUN_MAX_GAP = 64 << 10
+#: (alignment padding; a skipped tile, e.g. background between tissue, ends the run)
+READ_RUN_MAX_GAP = 4 << 10
 #: ... and the whole run is at most this many bytes
 READ_RUN_MAX_BYTES = 16 << 20
 
@@ -132,17 +133,20 @@ READ_RUN_MAX_BYTES = 16 << 20
 def byte_runs(
     offsets: Sequence[int],
     counts: Sequence[int],
-    max_gap: int = READ_RUN_MAX_GAP,
-    max_bytes: int = READ_RUN_MAX_BYTES,
+    max_gap: int | None = None,
+    max_bytes: int | None = None,
 ) -> list[tuple[int, int, int, int]]:
     """Group file segments, in the given order, into runs read with one call each.
 
     ``offsets``/``counts`` (n,): byte offset and length of each segment; a segment of length
     0 (a missing tile) is a run of its own. Consecutive segments share a run while each
     starts at most ``max_gap`` bytes past the previous one's end (never before it) and the
-    run spans at most ``max_bytes``. Returns ``(first, stop, byte_start, byte_stop)`` per run:
+    run spans at most ``max_bytes`` (defaults: :data:`READ_RUN_MAX_GAP`,
+    :data:`READ_RUN_MAX_BYTES`). Returns ``(first, stop, byte_start, byte_stop)`` per run:
     segments ``[first, stop)`` lie in file bytes ``[byte_start, byte_stop)``.
     """
+    max_gap = READ_RUN_MAX_GAP if max_gap is None else max_gap
+    max_bytes = READ_RUN_MAX_BYTES if max_bytes is None else max_bytes
     runs: list[tuple[int, int, int, int]] = []
     n = len(offsets)
     i = 0

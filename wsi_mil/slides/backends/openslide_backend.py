@@ -14,7 +14,6 @@ bit-identically to OpenSlide's on first use; otherwise it reads through OpenSlid
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import os
 import threading
@@ -149,7 +148,8 @@ class OpenSlideSlide(Slide):
         array (else into a new one); missing tiles, levels without the fast path and tiles
         the decoder refuses go through :meth:`read_level_region` (OpenSlide).
         """
-        return next(self.read_tiles(level, [(col, row)], out))
+        # the class's read_tiles: a read_tiles wrapped on the instance sees tiling's reads only
+        return next(OpenSlideSlide.read_tiles(self, level, [(col, row)], out))
 
     def read_tiles(
         self, level: int, tiles: Iterable[tuple[int, int]], out: np.ndarray | None = None
@@ -170,16 +170,15 @@ class OpenSlideSlide(Slide):
             row * fast.n_across + col if 0 <= col < fast.n_across and 0 <= row < fast.n_down else -1
             for col, row in tiles
         ]
-        datas: Iterator[memoryview | None] = read_segments(
-            self._fd,
-            [int(fast.offsets[s]) if s >= 0 else 0 for s in segs],
-            [int(fast.counts[s]) if s >= 0 else 0 for s in segs],
-        )
-        for col, row in tiles:
+        offsets = [int(fast.offsets[s]) if s >= 0 else 0 for s in segs]
+        counts = [int(fast.counts[s]) if s >= 0 else 0 for s in segs]
+        datas: Iterator[memoryview | None] = read_segments(self._fd, offsets, counts)
+        for i, (col, row) in enumerate(tiles):
             try:
                 data = next(datas)
-            except OSError:  # the rest through OpenSlide, which reads them or reports why
-                data, datas = None, itertools.repeat(None)
+            except OSError:  # through OpenSlide, which reads it or says why; retry the rest
+                data = None
+                datas = read_segments(self._fd, offsets[i + 1 :], counts[i + 1 :])
             tile = None
             if data is not None:
                 try:

@@ -146,7 +146,9 @@ def jpeg_tile_codec(page: Any) -> JpegCodec | None:
         return None
 
 
-def decode_jpeg_tile(data: bytes, codec: JpegCodec, out: np.ndarray) -> np.ndarray | None:
+def decode_jpeg_tile(
+    data: bytes | memoryview, codec: JpegCodec, out: np.ndarray
+) -> np.ndarray | None:
     """Decode one JPEG tile (its TIFF segment bytes) straight into ``out`` and return ``out``.
 
     ``out``: (tile_h, tile_w, 3) uint8, C-contiguous. None when libjpeg-turbo refuses the tile
@@ -390,7 +392,8 @@ class TiffSlide(Slide):
         8-bit RGB/YCbCr JPEG tiles are decoded by libjpeg-turbo straight into ``out`` when
         it is given with the tile's shape: no allocation and no copy per tile.
         """
-        return next(self.read_tiles(level, [(col, row)], out))
+        # the class's read_tiles: a read_tiles wrapped on the instance sees tiling's reads only
+        return next(TiffSlide.read_tiles(self, level, [(col, row)], out))
 
     def read_tiles(
         self, level: int, tiles: Iterable[tuple[int, int]], out: np.ndarray | None = None
@@ -404,6 +407,12 @@ class TiffSlide(Slide):
             for col, row in tiles:
                 yield Slide.read_tile(self, level, col, row, out)
             return
+        for col, row in tiles:
+            if not (0 <= col < lv.n_across and 0 <= row < lv.n_down):
+                raise ValueError(
+                    f"tile ({col}, {row}) is outside level {level}'s "
+                    f"{lv.n_across} x {lv.n_down} tile grid"
+                )
         segs = [row * lv.n_across + col for col, row in tiles]
         page = lv.pages[0]
         direct = lv.jpeg is not None and out is not None and out.shape == (lv.seg_h, lv.seg_w, 3)
