@@ -158,3 +158,22 @@ def test_cli_defaults_are_the_config_defaults(command, config_classes):
         assert got == want, f"{command} --{p.name}: CLI default {got!r}, config {want!r}"
         checked += 1
     assert checked >= 3, (command, checked)
+
+
+@pytest.mark.parametrize(
+    ("opt", "value", "msg"),
+    [
+        ("--lr", "-1", "--lr -1.0 must be >= 0"),
+        ("--weight-decay", "-1", "--weight-decay -1.0 must be >= 0"),
+        ("--beta1", "1.5", r"--beta1 1.5 is outside \[0, 1\)"),
+        ("--beta2", "-0.1", r"--beta2 -0.1 is outside \[0, 1\)"),
+    ],
+)
+def test_out_of_range_optimiser_values_are_usage_errors(cli, tmp_path, opt, value, msg):
+    """Were 'internal error: ValueError' from AdamW, exit 1 (= some slides failed)."""
+    import re
+
+    (tmp_path / "s.csv").write_text("slide_id,path,label\na,a.tiff,1\n")
+    r = cli("train", "--slides", "s.csv", "--run", "r", opt, value, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert re.search(msg, r.stderr) and "Traceback" not in r.stderr, r.stderr

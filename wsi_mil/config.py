@@ -227,6 +227,20 @@ class TrainConfig:
     encoder_width: int | None = None  # resnet-patch-cnn stage widths (w, 2w, 4w); None = 64
     backend: str | None = None
 
+    def __post_init__(self) -> None:
+        # AdamW's own checks, as usage errors (exit 2) before any data is read
+        default = {f.name: f.default for f in dataclasses.fields(self)}
+        for name, low, high in (
+            ("lr", 0, None),
+            ("weight_decay", 0, None),
+            ("beta1", 0, 1),
+            ("beta2", 0, 1),
+        ):
+            v, flag = getattr(self, name), "--" + name.replace("_", "-")
+            if not (float(v) >= low and (high is None or float(v) < high)):
+                bound = f"must be >= {low}" if high is None else f"is outside [{low}, {high})"
+                raise ConfigError(f"{flag} {v} {bound}", f"e.g. {flag} {default[name]}")
+
 
 @dataclass
 class PredictConfig:

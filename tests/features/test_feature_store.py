@@ -12,6 +12,8 @@ name, savetodir, encoder).
 
 from __future__ import annotations
 
+import re
+
 import h5py
 import numpy as np
 import pytest
@@ -201,3 +203,23 @@ def test_unreadable_and_wrong_files(tmp_path):
         f["features"] = np.ones((1, 4, 3), np.float32)
         f["coords"] = np.zeros((1, 4, 2), np.int64)
     assert open_features(tmp_path / "batched.h5").features.shape == (4, 3)
+
+
+@pytest.mark.parametrize(
+    ("coords", "msg", "hint"),
+    [
+        ("transposed", r"coords have shape \(2, 44\), expected \(N, 2\)", "transpose"),
+        ("three", r"coords have shape \(44, 3\), expected \(N, 2\)", "one \\(x, y\\) row"),
+        ("negative", "coords hold negative values", "level-0 pixels"),
+    ],
+)
+def test_malformed_coords_are_refused_with_the_reason(tmp_path, coords, msg, hint):
+    """(2, N) coords were reshaped into N scrambled pairs; (N, 3) said '66 coords'; negative
+    coords were scored and then failed in heatmap as 'no patch coordinates'."""
+    feats, xy = _data(n=44, d=16)
+    bad = {"transposed": xy.T, "three": np.zeros((44, 3), np.int64), "negative": xy - 10**5}
+    path = tmp_path / "s.h5"
+    clam_save_hdf5(path, {"features": feats, "coords": bad[coords]}, mode="w")
+    with pytest.raises(StoreError, match=msg) as e:
+        open_features(path)
+    assert re.search(hint, e.value.hint)

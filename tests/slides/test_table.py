@@ -61,3 +61,29 @@ def test_write_roundtrip(tmp_path):
     es = [SlideEntry("a", tmp_path / "a.tif", 1, "train"), SlideEntry("b", None, None, None)]
     write_slide_table(es, tmp_path / "s.csv")
     assert read_slide_table(tmp_path / "s.csv") == es
+
+
+@pytest.mark.parametrize(
+    ("sid", "why"),
+    [
+        ("case/x", "path separator"),
+        ("../../escaped", "path separator"),
+        ("a\\b", "path separator"),
+        ("..", "starts with '.'"),
+        (".hidden", "starts with '.'"),
+    ],
+)
+def test_slide_ids_that_cannot_name_files_are_refused(tmp_path, sid, why):
+    """Ids name files (W/patches/<id>.zarr): '/' made nested files that heatmap missed, and
+    '../' wrote outside --work."""
+    csv = tmp_path / "t.csv"
+    csv.write_text(f'slide_id,path\n"{sid}",a.tiff\nok id,b.tiff\n')
+    with pytest.raises(ConfigError, match=why) as e:
+        read_slide_table(csv)
+    assert "rename it in the slide table" in e.value.hint
+
+
+def test_unusual_but_valid_slide_ids(tmp_path):
+    csv = tmp_path / "t.csv"
+    csv.write_text("slide_id,path\nok id,a.tiff\nü-1,b.tiff\nx..y,c.tiff\n")
+    assert [e.slide_id for e in read_slide_table(csv)] == ["ok id", "ü-1", "x..y"]

@@ -323,7 +323,22 @@ def _make_bag(
     if feats.ndim != 2:
         raise StoreError(f"{p}: features have shape {feats.shape}, expected (N, D)")
     if coords is not None:
-        coords = coords.reshape(-1, 2) if coords.size else np.zeros((0, 2), np.int64)
+        if not coords.size:
+            coords = np.zeros((0, 2), np.int64)
+        elif coords.ndim != 2 or coords.shape[1] != 2:
+            transposed = coords.ndim == 2 and coords.shape[0] == 2
+            raise StoreError(
+                f"{p}: coords have shape {coords.shape}, expected (N, 2) level-0 (x, y)",
+                "transpose them when writing the store"
+                if transposed
+                else "write one (x, y) row per patch, in the order of the features",
+            )
+        elif coords.min() < 0:
+            raise StoreError(
+                f"{p}: coords hold negative values (min {coords.min()}); expected level-0 px "
+                "of each patch's top-left corner",
+                "rewrite the store with the patch corners in level-0 pixels",
+            )
         if len(coords) != len(feats):
             raise StoreError(
                 f"{p}: {len(feats)} features but {len(coords)} coords",

@@ -31,6 +31,28 @@ def slide_id_from_path(path: str | os.PathLike) -> str:
     return Path(name).stem
 
 
+def slide_id_problem(slide_id: str) -> str | None:
+    """Why ``slide_id`` cannot name a slide's files (``W/patches/<slide_id>.zarr``,
+    ``<slide_id>.h5``, ...), or None if it can."""
+    if any(c in slide_id for c in "/\\"):
+        return "contains a path separator"
+    if slide_id.startswith("."):
+        return "starts with '.' (hidden and temporary files do)"
+    if any(ord(c) < 32 for c in slide_id):
+        return "contains a control character"
+    return None
+
+
+def check_slide_id(slide_id: str) -> None:
+    """ConfigError when ``slide_id`` cannot name files (see :func:`slide_id_problem`)."""
+    why = slide_id_problem(slide_id)
+    if why is not None:
+        raise ConfigError(
+            f"slide_id {slide_id!r} {why}: slide ids name files (W/patches/<slide_id>.zarr)",
+            "rename it in the slide table, e.g. replace '/' with '_'",
+        )
+
+
 def read_slide_table(
     csv: str | os.PathLike | None = None, paths: tuple[str, ...] | list[str] = ()
 ) -> list[SlideEntry]:
@@ -59,6 +81,7 @@ def read_slide_table(
         raise ConfigError("no slides given", "pass --slides CSV or slide paths/globs as arguments")
     seen: set[str] = set()
     for e in entries:
+        check_slide_id(e.slide_id)
         if e.slide_id in seen:
             raise ConfigError(
                 f"slide_id {e.slide_id!r} appears twice",
