@@ -85,3 +85,11 @@ def test_epoch_permutation_and_groups():
     )
     assert p0 == p0b and p0 != p1 and sorted(p0) == list(range(10))
     assert step_groups(list(range(7)), 3) == [[0, 1, 2], [3, 4, 5], [6]]
+
+
+def test_fold_without_folds_is_refused():
+    """--fold 2 without --folds was silently ignored (a plain hold-out split was used)."""
+    ids, labels = [f"s{i}" for i in range(10)], [i % 2 for i in range(10)]
+    with pytest.raises(ConfigError, match="--fold 2 needs --folds K"):
+        assign_splits(ids, labels, [None] * 10, fold=2)
+    assert assign_splits(ids, labels, [None] * 10, fold=0)  # the default stays valid

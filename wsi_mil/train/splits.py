@@ -79,6 +79,8 @@ def assign_splits(
     for i in range(n):
         if given[i] == TEST:
             out[slide_ids[i]] = TEST
+    if fold and not (folds and folds > 1):
+        raise ConfigError(f"--fold {fold} needs --folds K (K > 1) to pick from", "add --folds 5")
     if folds and folds > 1:
         if not 0 <= fold < folds:
             raise ConfigError(f"--fold {fold} is outside 0..{folds - 1}")
