@@ -82,3 +82,20 @@ def test_bioformats2raw_layout(tmp_path, img):
     with open_slide(root) as s:
         assert s.backend == "zarr" and s.level_count == 2
         np.testing.assert_array_equal(s.read_region(0, 0, 0, 420, 300), img)
+
+
+@pytest.mark.parametrize("name", ["channel", "ch"])
+def test_channel_axis_found_by_its_ngff_type(tmp_path, img, name):
+    """NGFF marks the channel axis by "type": "channel"; a name other than "c" was read as
+    channel 0 in grey, silently."""
+    import json
+
+    p = make_ome_zarr(tmp_path / "t.zarr", img, n_levels=1, chunk_px=128, version="0.5")
+    meta_path = p / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    axes = meta["attributes"]["ome"]["multiscales"][0]["axes"]
+    assert axes[0] == {"name": "c", "type": "channel"}
+    axes[0]["name"] = name
+    meta_path.write_text(json.dumps(meta))
+    with open_slide(p) as s:
+        np.testing.assert_array_equal(s.read_region(0, 10, 20, 100, 60), img[20:80, 10:110])

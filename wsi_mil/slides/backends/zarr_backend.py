@@ -177,7 +177,11 @@ def _candidate_groups(root: Any) -> list[Any]:
 def _axis_names(axes: Any, path: Path) -> list[str]:
     if axes is None:  # NGFF <= 0.3 without axes: 5D tczyx
         return list("tczyx")
-    names = [(a.get("name") if isinstance(a, dict) else str(a)).lower() for a in axes]
+    names = [str(a.get("name") if isinstance(a, dict) else a).lower() for a in axes]
+    # NGFF names the channel axis by its type; "c" is only the usual name ("channel", "ch")
+    typed = [i for i, a in enumerate(axes) if isinstance(a, dict) and a.get("type") == "channel"]
+    if "c" not in names and len(typed) == 1:
+        names[typed[0]] = "c"
     return names
 
 
