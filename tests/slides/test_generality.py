@@ -459,3 +459,33 @@ def test_imagej_tiff_without_unit_has_no_mpp(tmp_path):
     tifffile.imwrite(path, IMG, imagej=True, resolution=(2.0, 2.0), metadata={"axes": "YXS"})
     with open_slide(path) as s:
         assert s.mpp is None
+
+
+def _ome_pyramid(tw: tifffile.TiffWriter, img: np.ndarray, name: str) -> None:
+    kw = {"tile": (64, 64), "photometric": "rgb", "compression": "zlib"}
+    meta = {"axes": "YXS", "Name": name, "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5}
+    tw.write(img, subifds=1, metadata=meta, **kw)
+    tw.write(img[::2, ::2].copy(), subfiletype=1, **kw)
+
+
+@pytest.mark.parametrize("name", ["Label-free 20x", "Overview scan", "HE thumbnail-free"])
+def test_ome_tiff_slide_named_like_an_associated_image_keeps_its_pyramid(tmp_path, name):
+    """Any name containing label/macro/thumbnail/overview used to be skipped: the only image
+    then opened without its SubIFD pyramid and mpp (or not at all)."""
+    img = test_image(256, 384, seed=2)
+    p = tmp_path / "s.ome.tif"
+    with tifffile.TiffWriter(p, ome=True) as tw:
+        _ome_pyramid(tw, img, name)
+    with open_slide(p) as s:
+        assert (s.backend, s.level_dimensions, s.mpp) == ("tiff", [(384, 256), (192, 128)], 0.5)
+
+
+def test_ome_tiff_label_image_is_not_the_slide_even_when_larger(tmp_path):
+    img, label = test_image(128, 192, seed=2), test_image(300, 300, seed=3)
+    p = tmp_path / "s.ome.tif"
+    with tifffile.TiffWriter(p, ome=True) as tw:
+        _ome_pyramid(tw, img, "HE 20x")
+        _ome_pyramid(tw, label, "label image")
+    with open_slide(p) as s:
+        assert s.level_dimensions[0] == (192, 128)
+        np.testing.assert_array_equal(s.read_region(0, 0, 0, 192, 128), img)

@@ -181,6 +181,10 @@ def openslide_vendor(path: Path) -> str | None:
         return None
 
 
+#: names of associated images (Bio-Formats, vendors) that are not the slide
+_ASSOCIATED_NAME = re.compile(r"(?i)^(label|macro|thumbnail|overview)([ _-]?image)?$")
+
+
 @register_backend("tiff", priority=10)
 class TiffSlide(Slide):
     """Tiled (or stripped) TIFF pyramids via tifffile: generic pyramidal TIFF, OME-TIFF, SubIFDs."""
@@ -224,21 +228,22 @@ class TiffSlide(Slide):
 
     # -- structure ---------------------------------------------------------
     def _pick_series(self) -> tuple[int, Any]:
-        """The largest image series (the slide), not label/macro/thumbnail images."""
-        best, best_i, best_area = None, -1, -1
+        """The largest image series (the slide), not one named as a label/macro/thumbnail
+        image ("label", "Macro image", ...; an image called "Label-free 20x" is a slide);
+        the largest of all if every series is so named."""
+        best: dict[bool, tuple[int, int, Any]] = {}  # named associated? -> (area, index, series)
         for i, s in enumerate(self._tf.series):
-            name = (s.name or "").lower()
-            if any(k in name for k in ("label", "macro", "thumbnail", "overview")):
-                continue
             page = s.levels[0].pages[0] if s.levels[0].pages else None
             if page is None:
                 continue
+            associated = bool(_ASSOCIATED_NAME.match((s.name or "").strip()))
             area = int(page.imagewidth) * int(page.imagelength)
-            if area > best_area:
-                best, best_i, best_area = s, i, area
-        if best is None:
+            if area > best.get(associated, (-1,))[0]:
+                best[associated] = (area, i, s)
+        if not best:
             raise SlideError(f"{self.path}: TIFF contains no image", "the file may be corrupt")
-        return best_i, best
+        _, i, series = best.get(False) or best[True]
+        return i, series
 
     def _build_levels(self, series: Any) -> list[_Level]:
         levels: list[_Level] = []
