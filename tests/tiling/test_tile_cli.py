@@ -327,3 +327,27 @@ def test_empty_store_of_older_tissue_scores_is_made_again(tmp_path, cli):
     g.attrs.clear()
     g.attrs.update(attrs)
     assert "1 done, 0 up to date" in cli(*args).stderr
+
+
+def test_clam_h5_follows_the_store(tmp_path, cli, make_slide):
+    """A CLAM coords file of an older tiling was kept next to a rebuilt store and then
+    taken as current: CLAM/TRIDENT would have read the wrong grid."""
+    slide = make_slide("c", "tissue", 512, 512)
+    work = tmp_path / "w"
+    h5 = work / "patches" / "c.h5"
+    base = ("-q", "tile", str(slide), "--work", str(work), "--tissue", "none", "--no-pixels")
+
+    def h5_grid() -> tuple[int, int]:
+        with h5py.File(h5, "r") as f:
+            return len(f["coords"]), int(f["coords"].attrs["patch_size"])
+
+    assert cli(*base, "--patch-size", "100", "--clam-h5").returncode == 0
+    assert h5_grid() == (36, 100)
+    assert cli(*base, "--patch-size", "64").returncode == 0  # rebuilt without --clam-h5
+    assert not h5.exists()
+    assert cli(*base, "--patch-size", "100", "--clam-h5").returncode == 0
+    with h5py.File(h5, "r+") as f:  # an h5 edited by hand no longer matches the store
+        f["coords"].attrs["patch_size"] = 50
+    r = cli(*base, "--patch-size", "100", "--clam-h5")  # the store is current, the h5 is not
+    assert r.returncode == 0, r.stderr
+    assert h5_grid() == (36, 100)

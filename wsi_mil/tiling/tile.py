@@ -273,10 +273,12 @@ def tile_slide(
                     stored,
                     cfg.compression,
                 )
-            if cfg.clam_h5 and not clam_h5_path(cfg.work, sid).exists():
+            if cfg.clam_h5 and not clam_h5_current(clam_h5_path(cfg.work, sid), store):
                 write_clam_h5(store, clam_h5_path(cfg.work, sid), sid)
             raise Skip(sid)
         remove_stale_tmps(final)
+        # a CLAM coords file of the store being replaced would describe the wrong grid
+        clam_h5_path(cfg.work, sid).unlink(missing_ok=True)
         with open_slide(
             path, backend=cfg.backend, mpp=cfg.slide_mpp, significant_bits=cfg.significant_bits
         ) as slide:
@@ -524,6 +526,24 @@ def write_mask_png(
 def clam_h5_path(work: str | Path, slide_id: str) -> Path:
     """CLAM's layout: ``W/patches/<slide_id>.h5``."""
     return patches_dir(work) / f"{slide_id}.h5"
+
+
+def clam_h5_current(path: Path, store: PatchStore) -> bool:
+    """Whether the CLAM coords file ``path`` exists and describes ``store``'s grid (same
+    coords, ``patch_size`` and ``patch_level``)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            d = f["coords"]
+            return (
+                int(d.attrs["patch_size"]) == int(store.patch_size_level)
+                and int(d.attrs["patch_level"]) == int(store.level)
+                and d.shape == (len(store), 2)
+                and np.array_equal(d[:], store.coords)
+            )
+    except (OSError, KeyError, TypeError, ValueError):  # missing, unreadable or not ours
+        return False
 
 
 def write_clam_h5(store: PatchStore, path: Path, slide_id: str) -> None:
