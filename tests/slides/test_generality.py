@@ -489,3 +489,27 @@ def test_ome_tiff_label_image_is_not_the_slide_even_when_larger(tmp_path):
     with open_slide(p) as s:
         assert s.level_dimensions[0] == (192, 128)
         np.testing.assert_array_equal(s.read_region(0, 0, 0, 192, 128), img)
+
+
+@pytest.mark.parametrize("factors", [(1, 8, 64), (1, 4, 16, 32), (1, 5, 25)])
+def test_tiff_pyramid_with_uneven_steps_keeps_every_level(tmp_path, factors):
+    """tifffile's pyramid takes steps of 2, 3 or 4, the same each time; the other levels were
+    dropped (OpenSlide saw them), so --level failed and --mpp resized level 0. A stripped
+    page of the same aspect (an SVS-style thumbnail) is not a level, as in OpenSlide."""
+    img = test_image(1280, 1920, seed=4)
+    p = tmp_path / "p.tif"
+    kw = {"compression": "zlib", "photometric": "rgb"}
+    with tifffile.TiffWriter(p) as tw:
+        for i, f in enumerate(factors):
+            lv = np.asarray(Image.fromarray(img).reduce(f))
+            tw.write(lv, tile=(64, 64), subfiletype=0 if i == 0 else 1, **kw)
+            if i == 0:
+                tw.write(np.asarray(Image.fromarray(img).reduce(10)), rowsperstrip=16, **kw)
+    with open_slide(p, backend="tiff") as ours, open_slide(p, backend="openslide") as ref:
+        assert ours.level_dimensions == ref.level_dimensions
+        assert len(ours.level_dimensions) == len(factors)
+        top = len(factors) - 1
+        w, h = ours.level_dimensions[top]
+        np.testing.assert_array_equal(
+            ours.read_region(top, 0, 0, w, h), ref.read_region(top, 0, 0, w, h)
+        )

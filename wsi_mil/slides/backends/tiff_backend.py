@@ -247,12 +247,40 @@ class TiffSlide(Slide):
 
     def _build_levels(self, series: Any) -> list[_Level]:
         levels: list[_Level] = []
-        for lv in series.levels:
-            level = self._make_level(lv)
+        found = [self._make_level(lv) for lv in series.levels]
+        found += [self._make_level(_PageLevel([p])) for p in self._unlisted_level_pages(found)]
+        for level in sorted(found, key=lambda lv: -lv.width):
             if levels and (level.width >= levels[-1].width or level.height >= levels[-1].height):
                 continue  # not a reduced level (e.g. a stray same-size page)
             levels.append(level)
         return levels
+
+    def _unlisted_level_pages(self, levels: list[_Level]) -> list[Any]:
+        """Tiled top-level pages that are reduced copies of level 0 but not in tifffile's
+        pyramid, which only takes steps of 2, 3 or 4, the same each time: a 1, 8, 64 or a
+        1, 4, 16, 32 pyramid lost levels. Like OpenSlide's generic TIFF, any tiled page with
+        level 0's samples and aspect ratio is a level. Not for OME or channel-page series."""
+        base = levels[0]
+        if self._tf.is_ome or len(base.pages) != 1 or not base.tiled:
+            return []
+        p0 = base.pages[0]
+        used = {int(p.offset) for lv in levels for p in lv.pages}
+        out = []
+        for page in self._tf.pages:
+            page = page.aspage() if hasattr(page, "aspage") else page
+            w, h = int(page.imagewidth), int(page.imagelength)
+            if (
+                int(page.offset) in used
+                or not page.is_tiled
+                or not (w < base.width and h < base.height)
+                or int(page.samplesperpixel) != int(p0.samplesperpixel)
+                or page.dtype != p0.dtype
+                or int(page.photometric) != int(p0.photometric)
+                or abs(w * base.height / base.width - h) > max(1.5, 0.01 * h)  # same aspect
+            ):
+                continue
+            out.append(page)
+        return out
 
     def _make_level(self, lv: Any) -> _Level:
         # TiffFrames (light pages in multi-page series) need to become full pages to decode
@@ -530,6 +558,13 @@ class TiffSlide(Slide):
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
             self.close()
+
+
+@dataclass
+class _PageLevel:
+    """A pyramid level made of top-level pages tifffile did not put in the series."""
+
+    pages: list[Any]
 
 
 def _channel_pages(lv: Any) -> list[Any] | None:
