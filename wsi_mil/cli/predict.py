@@ -60,7 +60,8 @@ from wsi_mil.cli.common import (
     "--features",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Folder of <slide_id>.h5 feature stores. Default: the one the run was trained on.",
+    help="Folder of <slide_id>.h5 feature stores. Default: W/features/<tag> of the run's "
+    "encoder when --work is given (another cohort), else the folder the run was trained on.",
 )
 @click.option(
     "--checkpoint", default="best", show_default=True, help="best | last | PATH to a checkpoint."

@@ -4,6 +4,9 @@ Writes into the run folder ``R/``: ``predictions.csv`` (slide_id,label,prob,spli
 ``metrics.json`` (per split and overall, with the threshold used), ``attention/<id>.h5``
 (``coords`` int64 (N, 2) level-0 xy, ``attention`` float32 (N,) + slide attrs) and
 ``plots/roc.png``. Bags are read one at a time, so memory is one slide's N x D features.
+A cached run's features come from ``--features``, else ``W/features/<tag>`` of a ``--work``
+given (the run's extract folder tag: another cohort), else the folder the run recorded
+(:func:`features_folder`).
 
 A per-slide stage like tile and extract: slides whose attention file is current are not
 scored again, ``--shard I/N`` scores a share of the slides, and a failing slide is
@@ -23,6 +26,8 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
+import re
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -89,6 +94,212 @@ def checkpoint_path(run: str | Path, which: str) -> Path:
     if which in ("best", "last"):
         return Path(run) / "checkpoints" / f"{which}.pt"
     return Path(which)
+
+
+def check_checkpoint_exists(run: str | Path, which: str, path: Path) -> None:
+    """A usage error naming the fix when ``--checkpoint`` (``best``, ``last`` or a path) names
+    no file: a run whose training ended before its first epoch has no checkpoints yet."""
+    if path.is_file():
+        return
+    if which not in ("best", "last"):
+        raise ConfigError(
+            f"--checkpoint {path} not found",
+            "pass --checkpoint best, last or the path of a checkpoint 'wsi-mil train' wrote",
+        )
+    others = sorted(p.stem for p in path.parent.glob("*.pt")) if path.parent.is_dir() else []
+    if others:
+        raise StoreError(f"{path} not found", f"pass --checkpoint {' or '.join(others)} or PATH")
+    raise StoreError(
+        f"{path} not found: the run has no checkpoint yet (training writes them when an "
+        "epoch ends, and this one stopped or is still in its first)",
+        f"train it first: wsi-mil train --run {run} ..., or pass --checkpoint PATH",
+    )
+
+
+def warn_if_unfinished(
+    run: str | Path, run_cfg: dict[str, Any], which: str, ck: dict[str, Any]
+) -> None:
+    """Warn (once) when the run's training stopped before its configured epochs without an
+    early stop: killed part-way or still running, so the checkpoint is of an unfinished model.
+    Judged from ``last.pt`` (``best.pt`` may rightly be of an earlier epoch); a checkpoint
+    given as a path is taken as chosen."""
+    if which == "last":
+        last: Any = ck
+    elif which == "best":
+        p = Path(run) / "checkpoints" / "last.pt"
+        try:  # memory-mapped: only the few scalars read here come from disk
+            last = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # noqa: BLE001 - absent or unreadable: nothing to tell
+            return
+    else:
+        return
+    try:
+        epochs, done = int(run_cfg.get("epochs") or 0), int(last.get("epoch") or 0)
+        stopped = bool((last.get("early_stopping") or {}).get("stopped"))
+    except (AttributeError, TypeError, ValueError):
+        return
+    if 0 < done < epochs and not stopped:
+        log.warning(
+            "run %s stopped at epoch %d of %d without an early stop: its training was "
+            "interrupted (or is still running), so these predictions are of an unfinished "
+            "model (checkpoint %s of epoch %d). To finish it: wsi-mil train ... --run %s --resume",
+            run,
+            done,
+            epochs,
+            which,
+            int(ck.get("epoch") or 0),
+            run,
+        )
+
+
+#: the default of ``--work``: predict takes a work folder other than this one as given
+_DEFAULT_WORK = PredictConfig().work
+
+
+def features_folder(cfg: PredictConfig, run_cfg: dict[str, Any], run: Path) -> Path:
+    """The feature folder a cached-mode predict reads: ``--features``; else, when ``--work W``
+    is given and the run was trained on an extract folder ``.../features/<tag>``,
+    ``W/features/<tag>`` (another cohort extracted with the run's encoder); else the folder
+    the run recorded (see :func:`resolve_recorded_features`)."""
+    if cfg.features:
+        d = Path(cfg.features)
+        if not d.is_dir():
+            raise ConfigError(f"--features {d} is not a folder", "pass --features DIR")
+        return d
+    recorded = run_cfg.get("features")
+    if not recorded:
+        raise ConfigError(
+            "no --features folder given and the run does not record one", "pass --features DIR"
+        )
+    tag = _encoder_tag_of(str(recorded), run_cfg)
+    if tag and Path(cfg.work) != _DEFAULT_WORK:
+        d = Path(cfg.work) / "features" / tag
+        if not d.is_dir():
+            raise ConfigError(
+                f"feature folder {d} does not exist (the run was trained on {tag} features)",
+                f"run 'wsi-mil extract --work {cfg.work}' with the encoder options the run was "
+                "trained with, or pass --features DIR",
+            )
+        return d
+    return resolve_recorded_features(str(recorded), run_cfg, run, tag)
+
+
+def _encoder_tag_of(folder: str, run_cfg: dict[str, Any]) -> str | None:
+    """``<tag>`` when ``folder`` is an extract folder ``.../features/<name>-d<D>-<8 hex>`` of
+    the run's feature width D, else None (features made elsewhere, given with --features)."""
+    p = Path(folder)
+    dim = (run_cfg.get("model") or {}).get("in_dim")
+    if p.parent.name != "features" or not re.fullmatch(rf".+-d{dim}-[0-9a-f]{{8}}", p.name):
+        return None
+    return p.name
+
+
+def _train_cwd(run_cfg: dict[str, Any], run: Path) -> Path | None:
+    """The folder train ran in, when the run's recorded (relative) ``run`` path says: the
+    run folder ``a/b`` recorded as ``b`` was made from ``a``. None when it cannot tell."""
+    rec = Path(str(run_cfg.get("run") or ""))
+    n = len(rec.parts)
+    if not n or rec.is_absolute() or ".." in rec.parts:
+        return None
+    for here in (Path(os.path.abspath(run)), Path(run).resolve()):
+        if here.parts[-n:] == rec.parts and len(here.parts) > n:
+            return here.parents[n - 1]
+    return None
+
+
+def resolve_recorded_features(
+    value: str, run_cfg: dict[str, Any], run: Path, tag: str | None
+) -> Path:
+    """The feature folder the run's ``config.yaml`` records: as is when absolute; a relative
+    one (runs of earlier versions recorded it as given to train) against the folder train ran
+    in (:func:`_train_cwd`), else the current folder. A clear error when none exists."""
+    tried = _recorded_candidates(value, run_cfg, run)
+    for d in tried:
+        if d.is_dir():
+            return d
+    where = f" (looked in {', '.join(str(d) for d in tried)})" if len(tried) > 1 else ""
+    raise ConfigError(
+        f"the feature folder the run was trained on, {value} (recorded in "
+        f"{Path(run) / 'config.yaml'}), does not exist{where}",
+        "pass --features DIR" + (f", or --work W to read W/features/{tag}" if tag else ""),
+    )
+
+
+def _recorded_candidates(value: str, run_cfg: dict[str, Any], run: Path) -> list[Path]:
+    p = Path(value)
+    if p.is_absolute():
+        return [p]
+    out = []
+    cwd = _train_cwd(run_cfg, run)
+    if cwd is not None:
+        out.append(Path(os.path.normpath(cwd / p)))
+    if p not in out:
+        out.append(p)  # relative to the current folder
+    return out
+
+
+def trained_patch_size(
+    ck: dict[str, Any], run_cfg: dict[str, Any], run: Path, work: str | Path
+) -> int | None:
+    """The patch size an e2e run was trained on: that of one of its training patch stores
+    (in ``work`` or the run's recorded work folder) whose content digest is the one the
+    checkpoint recorded for it (``inputs``), so a store re-tiled since does not count. None
+    when no such store is left to ask."""
+    from wsi_mil.features.extract import store_digest
+
+    inputs = ck.get("inputs")
+    if not isinstance(inputs, dict) or not inputs:
+        return None
+    folders = [Path(work) / "patches"]
+    if run_cfg.get("work"):
+        folders += [d / "patches" for d in _recorded_candidates(str(run_cfg["work"]), run_cfg, run)]
+    for sid, digest in list(inputs.items())[:8]:
+        for folder in folders:
+            p = folder / f"{sid}.zarr"
+            if not p.exists():
+                continue
+            try:
+                store = PatchStore.open(p)
+                if store_digest(store) == digest:
+                    return int(store.patch_size)
+            except Exception:  # noqa: BLE001 - unreadable: ask another store
+                continue
+    return None
+
+
+def _patch_size(store: Path) -> int | None:
+    """A patch store's ``patch_size`` attr from its root ``zarr.json`` (None: unreadable)."""
+    try:
+        meta = json.loads((store / "zarr.json").read_text())
+        return int(meta["attributes"]["patch_size"])
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+
+
+def _check_store_patch_size(store: Path, trained: int, run: Path) -> None:
+    size = _patch_size(store)
+    if size is not None and size != trained:
+        raise DataError(
+            f"{store} holds {size} px patches, the run {run} was trained on {trained} px patches",
+            f"tile the slide with --patch-size {trained} (and the run's other tiling options)",
+        )
+
+
+def check_patch_sizes(entries: Sequence[SlideEntry], folder: Path, trained: int, run: Path) -> None:
+    """e2e: a usage error when no patch store of the call (all slides, not one shard's) has
+    the run's patch size: a work folder tiled otherwise is one error, not N failures. Stores
+    of another size among right ones fail their slide (:func:`_check_store_patch_size`)."""
+    sizes = {
+        e.slide_id: s
+        for e in entries
+        if (s := _patch_size(folder / f"{e.slide_id}.zarr")) is not None
+    }
+    if sizes and trained not in sizes.values():
+        raise DataError(
+            f"the patch stores in {folder} hold {'/'.join(map(str, sorted(set(sizes.values()))))} "
+            f"px patches, the run {run} was trained on {trained} px patches",
+            f"tile the slides with --patch-size {trained} into a --work folder of their own",
+        )
 
 
 def read_run_splits(run: str | Path) -> dict[str, str]:
@@ -245,9 +456,11 @@ def predict_slides(
             "drop --no-attention",
         )
     ck_path = checkpoint_path(run, cfg.checkpoint)
+    check_checkpoint_exists(run, cfg.checkpoint, ck_path)
     # fingerprinted before it is read: a checkpoint replaced meanwhile is not taken for this one
     model_id = {"checkpoint": str(ck_path.resolve()), **(file_fingerprint(ck_path) or {})}
     ck = load_checkpoint_file(ck_path)
+    warn_if_unfinished(run, run_cfg, cfg.checkpoint, ck)
     device = _device(cfg.device)
     model = model_from_checkpoint(ck).to(device).eval()
     check_labels(entries, require=False)
@@ -277,20 +490,20 @@ def predict_slides(
 
     e2e = run_cfg.get("mode", "cached") == "e2e"
     stores: dict[str, Path] = {}
+    trained_ps: int | None = None  # e2e: the patch size the run was trained on, when known
     if e2e:
         from wsi_mil.train.e2e import E2EEncoder, patches_dir
 
         encoder: list[Any] = []  # made on first use: a rerun with nothing to score needs none
+        pdir = patches_dir(cfg.work)
         for e in mine:
-            stores[e.slide_id] = patches_dir(cfg.work) / f"{e.slide_id}.zarr"
+            stores[e.slide_id] = pdir / f"{e.slide_id}.zarr"
+        # e2e training refuses patch stores of mixed sizes; the encoder would score any size
+        trained_ps = trained_patch_size(ck, run_cfg, run, cfg.work)
+        if trained_ps is not None:
+            check_patch_sizes(entries, pdir, trained_ps, run)
     else:
-        fdir = cfg.features or run_cfg.get("features")
-        if not fdir:
-            raise ConfigError(
-                "no --features folder given and the run does not record one", "pass --features DIR"
-            )
-        if not Path(fdir).is_dir():
-            raise ConfigError(f"feature folder {fdir} does not exist", "pass --features DIR")
+        fdir = features_folder(cfg, run_cfg, run)
         # decided over all slides, not this shard's: whether a shard stops must not depend
         # on how the slide ids fall into shards
         found, missing = find_stores(entries, Path(fdir))
@@ -350,6 +563,13 @@ def predict_slides(
 
     def score(entry: SlideEntry, out: Path) -> None:
         sid = entry.slide_id
+        if e2e and trained_ps is not None:  # before reuse: a file scored from them is no better
+            try:
+                _check_store_patch_size(stores[sid], trained_ps, run)
+            except DataError:
+                if cfg.attention:  # heatmap draws every file
+                    out.unlink(missing_ok=True)
+                raise
         inputs = inputs_of(entry)
         if cfg.attention:
             if not cfg.overwrite:
