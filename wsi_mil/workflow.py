@@ -251,6 +251,10 @@ def stage_args(
     ``train`` gets ``--resume`` unless the config sets ``resume`` or ``overwrite`` itself:
     running ``wsi-mil run`` again continues (or finds finished) its run, as every other
     stage skips what is current, instead of refusing because the run folder is taken.
+    A run whose inputs changed since (other slides, feature or patch stores, training
+    options, fewer epochs than it has trained) is not continued: train exits 2 naming the
+    fix (``train: overwrite: true`` for one run, which wins over ``resume``, or another
+    ``run:``), since retraining by itself would throw away a model without being asked.
     """
     args = [*global_args, stage, "--config", str(config_path)]
     if stage == "train" and not {"resume", "overwrite"} & set(load_config_file(config_path, stage)):

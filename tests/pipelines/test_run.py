@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import h5py
 import pytest
 from pipeline_helpers import pipeline_env
 
@@ -174,3 +175,50 @@ def test_train_resumes_under_run_unless_the_config_says(tmp_path):
     for text in ("train:\n  resume: false\n", "overwrite: true\n", "train:\n  overwrite: true\n"):
         assert "--resume" not in stage_args("train", _cfg(tmp_path, f"slides: s.csv\n{text}"))
     assert stage_args("train", plain, ["-q"])[:2] == ["-q", "train"]
+
+
+@pytest.mark.slow
+def test_rerun_after_retiling_does_not_keep_the_stale_model(cli, workdir):
+    """Only `tile: patch-size` changes: tile and extract rebuild, and train must not then
+    find the model trained on the old features "finished" (predict would score the new
+    features with it). It stops with exit 2 naming the fix; with `overwrite: true` (the
+    config keeps `resume: true`) it retrains, and later runs resume that run again."""
+    env = pipeline_env()
+    args = ("-q", "run", "--config", "cfg.yaml", "--stages", "tile,extract,train,predict")
+    run = workdir / "run"
+
+    def stages(r):
+        return dict(re.findall(r"^\[run\] (\w+)\s+(.+?)\s{2}", r.stdout, re.M))
+
+    r = cli(*args, cwd=workdir, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    best = (run / "checkpoints" / "best.pt").read_bytes()
+    cfg = workdir / "cfg.yaml"
+    text = cfg.read_text()
+    assert "resume: true" in text and "patch-size: 96" in text
+    cfg.write_text(text.replace("patch-size: 96", "patch-size: 128"))
+    r = cli(*args, cwd=workdir, env=env)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert stages(r) == {"tile": "ok", "extract": "ok", "train": "STOPPED (error)"}, r.stdout
+    assert "other feature stores" in r.stderr and "overwrite: true" in r.stderr
+    assert (run / "checkpoints" / "best.pt").read_bytes() == best
+
+    cfg.write_text(cfg.read_text().replace("train:\n", "train:\n  overwrite: true\n"))
+    r = cli(*args, cwd=workdir, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert stages(r)["train"] == "ok" and stages(r)["predict"] == "ok"
+    assert (run / "checkpoints" / "best.pt").read_bytes() != best
+    with h5py.File(run / "attention" / "synth_000.h5") as f:
+        assert f.attrs["patch_size_level0"] == 128
+
+    cfg.write_text(cfg.read_text().replace("  overwrite: true\n", ""))
+    best = (run / "checkpoints" / "best.pt").read_bytes()
+    r = cli(*args, cwd=workdir, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert stages(r) == {
+        "tile": "up to date",
+        "extract": "up to date",
+        "train": "ok",
+        "predict": "up to date",
+    }, r.stdout
+    assert (run / "checkpoints" / "best.pt").read_bytes() == best

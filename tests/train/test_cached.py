@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import time
 
 import h5py
 import numpy as np
@@ -15,6 +16,7 @@ from bag_factory import make_bags, write_bags, write_table
 
 from wsi_mil.config import ModelConfig, PredictConfig, TrainConfig
 from wsi_mil.errors import ConfigError, DataError
+from wsi_mil.features.feature_store import write_features
 from wsi_mil.slides.table import read_slide_table
 from wsi_mil.train import train
 from wsi_mil.train.loop import Trainer
@@ -303,3 +305,98 @@ def test_resume_refuses_other_options_and_names_them(tmp_path):
     train(_cfg(tmp_path, epochs=2, resume=True, device="cpu"), entries, progress=False)
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
+
+
+def _write_extracted(bags, folder, source_digest):
+    """Feature stores as 'wsi-mil extract' writes them: ``source_digest`` names the patches."""
+    for b in bags:
+        attrs = {
+            "encoder": "synthetic",
+            "encoder_tag": "synthetic-d8",
+            "level0_width": 4096,
+            "level0_height": 4096,
+            "patch_size_level0": 256,
+            "slide_path": "",
+            "source_digest": source_digest(b),
+        }
+        write_features(folder / f"{b.slide_id}.h5", b.features, b.coords, attrs, 256, 0)
+
+
+def test_resume_refuses_changed_feature_stores_before_rewriting_the_run(tmp_path):
+    """A run records a digest of every feature store it read; --resume (which 'wsi-mil run'
+    passes by itself) on features that changed since, e.g. re-extracted from re-tiled
+    slides, is refused before config.yaml, splits.csv or a checkpoint changes."""
+    bags, entries = _setup(tmp_path, n_bags=8)
+    run = train(_cfg(tmp_path, epochs=1), entries, progress=False)
+    recorded = _weights(run / "checkpoints" / "last.pt")["inputs"]
+    assert sorted(recorded) == [b.slide_id for b in bags]
+    saved = {n: (run / n).read_bytes() for n in ("config.yaml", "splits.csv", "metrics.csv")}
+    ckpts = {n: (run / "checkpoints" / n).read_bytes() for n in ("last.pt", "best.pt")}
+    write_bags(make_bags(8, dim=8, n_min=20, n_max=40, seed=1)[3:4], tmp_path / "feats")
+    with pytest.raises(
+        ConfigError, match=r"other feature stores: those of 1 of 8 slides changed since \(bag003\)"
+    ) as e:
+        train(_cfg(tmp_path, epochs=2, resume=True), entries, progress=False)
+    assert "--overwrite" in str(e.value) and "another --run" in str(e.value)
+    assert {n: (run / n).read_bytes() for n in saved} == saved
+    assert {n: (run / "checkpoints" / n).read_bytes() for n in ckpts} == ckpts
+    # starting afresh (--overwrite wins over a config's resume: true) trains on the new
+    # features and records them
+    train(_cfg(tmp_path, epochs=1, resume=True, overwrite=True), entries, progress=False)
+    assert len(list(csv.DictReader(open(run / "metrics.csv")))) == 1
+    now = _weights(run / "checkpoints" / "last.pt")["inputs"]
+    assert [s for s in now if now[s] != recorded[s]] == ["bag003"]
+    train(_cfg(tmp_path, epochs=2, resume=True), entries, progress=False)
+
+
+def test_resume_goes_on_when_stores_are_rewritten_alike(tmp_path):
+    """Stores of 'wsi-mil extract' are compared by what they were made from (source digest,
+    encoder, shape), not by file time: re-extracting the same patches keeps the run
+    resumable; a store made from other patches does not."""
+    bags = make_bags(8, dim=8, n_min=20, n_max=40)
+    _write_extracted(bags, tmp_path / "feats", lambda b: f"patches-of-{b.slide_id}")
+    entries = read_slide_table(write_table(bags, tmp_path / "slides.csv"))
+    run = train(_cfg(tmp_path, epochs=1), entries, progress=False)
+    time.sleep(0.01)
+    _write_extracted(bags, tmp_path / "feats", lambda b: f"patches-of-{b.slide_id}")
+    train(_cfg(tmp_path, epochs=2, resume=True), entries, progress=False)
+    assert _weights(run / "checkpoints" / "last.pt")["epoch"] == 2
+    _write_extracted(bags[2:3], tmp_path / "feats", lambda b: "re-tiled")
+    with pytest.raises(ConfigError, match=r"1 of 8 slides changed since \(bag002\)"):
+        train(_cfg(tmp_path, epochs=3, resume=True), entries, progress=False)
+
+
+def test_resume_with_fewer_epochs_than_trained_is_refused(tmp_path):
+    """config.yaml must not claim fewer epochs than metrics.csv and the checkpoints hold."""
+    _, entries = _setup(tmp_path, n_bags=8)
+    run = train(_cfg(tmp_path, epochs=3, early_stop="none"), entries, progress=False)
+    saved = (run / "config.yaml").read_text()
+    with pytest.raises(
+        ConfigError, match=r"already trained 3 epochs, more than --epochs 2.*--epochs 3 or more"
+    ):
+        train(_cfg(tmp_path, epochs=2, resume=True, early_stop="none"), entries, progress=False)
+    assert (run / "config.yaml").read_text() == saved
+    assert yaml.safe_load(saved)["epochs"] == 3
+    assert len(list(csv.DictReader(open(run / "metrics.csv")))) == 3
+    train(_cfg(tmp_path, epochs=3, resume=True, early_stop="none"), entries, progress=False)
+
+
+def test_resume_accepts_a_run_that_recorded_a_relative_feature_folder(tmp_path, monkeypatch):
+    """Runs now record the feature folder as an absolute path; a run recorded by an older
+    version with the relative spelling of the same folder still resumes."""
+    import dataclasses
+
+    from wsi_mil.config import save_resolved
+    from wsi_mil.train.cached import check_resume_options
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "w" / "features" / "t").mkdir(parents=True)
+    run = tmp_path / "r"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.pt").write_bytes(b"")
+    cfg = TrainConfig(run=run, resume=True, features=tmp_path / "w" / "features" / "t")
+    save_resolved(dataclasses.replace(cfg, features="w/features/t"), run / "config.yaml")
+    check_resume_options(cfg, cfg)  # same folder, other spelling: resumes
+    other = dataclasses.replace(cfg, features=tmp_path / "w" / "features" / "u")
+    with pytest.raises(ConfigError, match="features"):
+        check_resume_options(other, other)

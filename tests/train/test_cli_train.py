@@ -163,3 +163,38 @@ def test_sigkill_then_resume_equals_uninterrupted(cli, tmp_path):
     assert (
         not list((tmp_path / "cut" / "checkpoints").glob(".*tmp*")) or True
     )  # stale temp files are allowed
+
+
+def test_overwrite_removes_every_output_of_the_previous_model(cli, tmp_path):
+    """train --overwrite: predictions, metrics, attention files, ROC plot, heatmaps and the
+    localisation report of the old model must not stay behind looking current."""
+    _, table = _data(tmp_path, n_bags=8, n_min=5, n_max=9)
+    run = tmp_path / "run"
+    pred = ("-q", "predict", "--slides", str(table), "--work", str(tmp_path / "w"), "--run", str(run), "--device", "cpu")  # fmt: skip
+    assert cli(*_train_args(tmp_path, table, "run", "--epochs", "2"), env=ENV).returncode == 0
+    r = cli(*pred, env=ENV)
+    assert r.returncode == 0, r.stderr
+    r = cli("-q", "heatmap", "--run", str(run), "--top-k", "0", env=ENV)
+    assert r.returncode == 0, r.stderr
+    (run / "localisation.json").write_text("{}\n")  # as heatmap writes it where markers are known
+    old = [
+        "predictions.csv",
+        "metrics.json",
+        "localisation.json",
+        "plots/roc.png",
+        "attention/bag000.h5",
+        "heatmaps/bag000.png",
+    ]
+    assert all((run / p).is_file() for p in old)
+
+    r = cli(*_train_args(tmp_path, table, "run", "--epochs", "3", "--overwrite"), env=ENV)
+    assert r.returncode == 0, r.stderr
+    assert [p for p in old if (run / p).exists()] == []
+    assert not (run / "attention").exists() and not (run / "heatmaps").exists()
+    assert len(list(csv.DictReader(open(run / "metrics.csv")))) == 3
+    r = cli("-q", "heatmap", "--run", str(run), env=ENV)  # nothing to draw until predict reruns
+    assert r.returncode == 2 and "wsi-mil predict" in r.stderr
+    r = cli(*pred, env=ENV)
+    assert r.returncode == 0, r.stderr
+    best = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+    assert json.loads((run / "metrics.json").read_text())["epoch"] == best["epoch"]

@@ -32,7 +32,9 @@ GRID = 4  # patches per side -> 16 patches per slide
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def write_store(path: Path, label: int, rng: np.random.Generator, chunk_patches: int = 5) -> None:
+def write_store(
+    path: Path, label: int, rng: np.random.Generator, chunk_patches: int = 5, **extra_attrs
+) -> None:
     """A GRID x GRID patch store of noise; positive slides get a solid red square in one patch."""
     coords = np.array([(x * P, y * P) for y in range(GRID) for x in range(GRID)], np.int64)
     px = rng.integers(150, 230, size=(len(coords), P, P, 3), dtype=np.uint8)
@@ -46,6 +48,7 @@ def write_store(path: Path, label: int, rng: np.random.Generator, chunk_patches:
         "level0_width": GRID * P,
         "level0_height": GRID * P,
         "slide_path": "",
+        **extra_attrs,
     }
     with PatchStoreWriter(path, coords, attrs, chunk_patches=chunk_patches) as w:
         w.write_pixels(0, px)
@@ -220,6 +223,28 @@ def test_bad_options_and_missing_stores(work, tmp_path: Path) -> None:
         train_e2e(make_cfg(w, tmp_path / "c"), ghost, progress=False)
     with pytest.raises(StoreError):
         E2EEncoder(tmp_path / "nowhere")
+
+
+def test_resume_refuses_changed_patch_stores(work, tmp_path: Path) -> None:
+    """An e2e run records its patch stores' digests; --resume after a slide was re-tiled
+    (other tiling parameters) is refused, naming the slide, before the run folder changes."""
+    import shutil
+
+    w0, entries = work
+    w = tmp_path / "w"
+    shutil.copytree(w0 / "patches", w / "patches")
+    run = train_e2e(make_cfg(w, tmp_path / "r", epochs=1), entries, progress=False)
+    last = run / "checkpoints" / "last.pt"
+    assert sorted(torch.load(last, weights_only=True)["inputs"]) == [e.slide_id for e in entries]
+    train_e2e(make_cfg(w, run, epochs=2, resume=True), entries, progress=False)  # unchanged
+    before = last.read_bytes(), (run / "config.yaml").read_bytes()
+    shutil.rmtree(w / "patches" / "s2.zarr")
+    write_store(w / "patches" / "s2.zarr", 0, np.random.default_rng(5), min_tissue=0.5)
+    with pytest.raises(
+        ConfigError, match=r"other patch stores: those of 1 of 8 slides changed since \(s2\)"
+    ):
+        train_e2e(make_cfg(w, run, epochs=3, resume=True), entries, progress=False)
+    assert (last.read_bytes(), (run / "config.yaml").read_bytes()) == before
 
 
 def test_default_encoder_lr_is_a_tenth_of_the_head_lr(work, tmp_path: Path) -> None:

@@ -131,7 +131,10 @@ from wsi_mil.cli.common import config_option, progress_enabled, slide_inputs, wo
     help="Continue the run in --run from checkpoints/last.pt exactly (weights, optimiser, scheduler, RNG, epoch).",
 )
 @click.option(
-    "--overwrite", is_flag=True, help="Start afresh even though --run already holds a run."
+    "--overwrite",
+    is_flag=True,
+    help="Start afresh even though --run already holds a run (wins over --resume): the old "
+    "model's checkpoints, metrics, predictions, attention and heatmaps are removed first.",
 )
 @click.option(
     "--seed",

@@ -10,19 +10,26 @@ from __future__ import annotations
 import csv
 import dataclasses
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from wsi_mil.batch import atomic_path, available_cpus
+from wsi_mil.batch import atomic_path, available_cpus, file_fingerprint, params_digest
 from wsi_mil.config import TrainConfig, save_resolved
 from wsi_mil.errors import ConfigError, DataError
 from wsi_mil.mil.bags import Bag, load_bags, resolve_features_dir
 from wsi_mil.mil.model import PositionalAttentionMIL, feature_stats
 from wsi_mil.slides.table import SlideEntry
 from wsi_mil.train import distributed as dist_
-from wsi_mil.train.loop import Trainer, seed_everything
+from wsi_mil.train.loop import (
+    Trainer,
+    check_resumable,
+    load_checkpoint_file,
+    seed_everything,
+)
 from wsi_mil.train.splits import TRAIN, VAL, assign_splits
 
 log = logging.getLogger(__name__)
@@ -66,8 +73,40 @@ def check_train_classes(train: Sequence[Bag]) -> None:
         )
 
 
+#: what a run folder holds that comes from its model (train, predict, heatmap): files and
+#: folders; ``--overwrite`` removes them all before training, so none of the previous
+#: model's outputs stays behind looking current
+RUN_OUTPUTS = (
+    "checkpoints/last.pt",
+    "checkpoints/best.pt",
+    "metrics.csv",
+    "encoder.pt",
+    "plots/training.png",
+    "plots/roc.png",
+    "predictions.csv",
+    "metrics.json",
+    "localisation.json",
+    "attention",
+    "heatmaps",
+)
+
+
+def resolve_run_flags(cfg: TrainConfig) -> TrainConfig:
+    """``--overwrite`` wins over ``--resume``: a config may keep ``resume: true`` for
+    'wsi-mil run' to continue its run, and there is no flag to switch it off, so an
+    ``--overwrite`` given with it (on the command line, or in the config for one run) is
+    the deliberate choice."""
+    if cfg.resume and cfg.overwrite:
+        log.info("--overwrite and --resume both given: --overwrite wins, the run starts afresh")
+        return dataclasses.replace(cfg, resume=False)
+    return cfg
+
+
 def prepare_run_dir(cfg: TrainConfig) -> Path:
-    """Refuse to overwrite a finished or running run unless --resume or --overwrite."""
+    """Refuse to overwrite a finished or running run unless --resume or --overwrite.
+
+    ``--overwrite`` (without ``--resume``) first removes the previous run's
+    :data:`RUN_OUTPUTS`: its checkpoints and everything predicted or drawn with them."""
     run = Path(cfg.run)
     last = run / "checkpoints" / "last.pt"
     if last.exists() and not (cfg.resume or cfg.overwrite):
@@ -76,14 +115,27 @@ def prepare_run_dir(cfg: TrainConfig) -> Path:
             "pass --resume to continue it, --overwrite to start afresh, or another --run",
         )
     if cfg.overwrite and not cfg.resume:
-        for p in (
-            run / "checkpoints" / "last.pt",
-            run / "checkpoints" / "best.pt",
-            run / "metrics.csv",
-        ):
-            p.unlink(missing_ok=True)
+        removed = remove_run_outputs(run)
+        if removed:
+            log.info("--overwrite: removed the previous run's %s", ", ".join(removed))
     run.mkdir(parents=True, exist_ok=True)
     return run
+
+
+def remove_run_outputs(run: Path) -> list[str]:
+    """Delete :data:`RUN_OUTPUTS` of run folder ``run``; returns the names of those removed."""
+    import shutil
+
+    removed = []
+    for name in RUN_OUTPUTS:
+        p = run / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+            removed.append(f"{name}/")
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+            removed.append(name)
+    return removed
 
 
 #: options a resumed run may change: how long and where it runs, not what it learns from
@@ -100,6 +152,20 @@ RESUMABLE_CHANGES = frozenset(
         "run",
     }
 )
+
+
+#: options holding paths: a relative and an absolute spelling of one folder are the same
+_PATH_OPTIONS = ("features", "work", "run", "weights")
+
+
+def _same_option(key: str, old: Any, new: Any) -> bool:
+    """Whether a saved option equals the new one (paths compared as absolute paths: older
+    runs recorded ``features`` as given, relative to the working folder)."""
+    if old == new:
+        return True
+    if key in _PATH_OPTIONS and isinstance(old, str) and isinstance(new, str):
+        return os.path.abspath(old) == os.path.abspath(new)
+    return False
 
 
 def check_resume_options(cfg: TrainConfig, resolved: TrainConfig) -> None:
@@ -120,7 +186,7 @@ def check_resume_options(cfg: TrainConfig, resolved: TrainConfig) -> None:
     changed = [
         f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
         for k in sorted(set(old) | set(new))
-        if k.split(".")[0] not in RESUMABLE_CHANGES and old.get(k) != new.get(k)
+        if k.split(".")[0] not in RESUMABLE_CHANGES and not _same_option(k, old.get(k), new.get(k))
     ]
     if changed:
         shown = "; ".join(changed[:6]) + (
@@ -131,6 +197,41 @@ def check_resume_options(cfg: TrainConfig, resolved: TrainConfig) -> None:
             "use the run's options, start afresh with --overwrite (config: train: overwrite: "
             "true), or give another --run; 'wsi-mil run' resumes training by itself",
         )
+
+
+def check_resume_checkpoint(
+    cfg: TrainConfig,
+    train_ids: Sequence[str],
+    val_ids: Sequence[str],
+    inputs: dict[str, str],
+    kind: str = "feature stores",
+) -> None:
+    """With ``--resume`` on a run that has ``last.pt``: refuse, before anything in the run
+    folder is rewritten, what :func:`wsi_mil.train.loop.check_resumable` refuses (other
+    slides, changed input stores, more epochs done than ``--epochs``)."""
+    last = Path(cfg.run) / "checkpoints" / "last.pt"
+    if not (cfg.resume and last.is_file()):
+        return
+    check_resumable(load_checkpoint_file(last), last, cfg.epochs, train_ids, val_ids, inputs, kind)
+
+
+#: feature-store attrs that say where things are, not what the features are
+LOCATION_ATTRS = frozenset({"slide_id", "slide_path", "source_store"})
+
+
+def feature_store_digest(bag: Bag) -> str:
+    """Identity of the features of ``bag`` as read: the store's attrs (but paths) and shape.
+
+    Stores of 'wsi-mil extract' record ``source_digest`` (patch store content) and the
+    encoder's identity, exactly what extract decides currency by, so re-extracting the same
+    patches gives the same digest. Other stores (CLAM, TRIDENT, hand-made) add their
+    file's size and mtime.
+    """
+    attrs = {k: v for k, v in bag.attrs.items() if k not in LOCATION_ATTRS}
+    ident: dict[str, object] = {"attrs": attrs, "shape": list(bag.features.shape)}
+    if not attrs.get("source_digest") and bag.path is not None and bag.path.exists():
+        ident["file"] = file_fingerprint(bag.path)
+    return params_digest(ident)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -170,6 +271,7 @@ def _train_cached(
     cfg: TrainConfig, entries: Sequence[SlideEntry], info: dist_.DistInfo, progress: bool
 ) -> Path:
     main = dist_.is_main(info)
+    cfg = resolve_run_flags(cfg)
     splits = select_splits(cfg, entries)
     features_dir = resolve_features_dir(cfg.work, cfg.features, cfg)
     use = [e for e in entries if splits.get(e.slide_id) in (TRAIN, VAL)]
@@ -187,10 +289,15 @@ def _train_cached(
             no_xy[0],
         )
         model_cfg = dataclasses.replace(model_cfg, use_pos=False)
-    resolved = dataclasses.replace(cfg, features=features_dir, model=model_cfg)
+    # absolute: predict (and a resume) may run from another folder than train
+    resolved = dataclasses.replace(cfg, features=features_dir.resolve(), model=model_cfg)
 
     run = Path(cfg.run)
+    inputs = {b.slide_id: feature_store_digest(b) for b in bags}
     check_resume_options(cfg, resolved)
+    check_resume_checkpoint(
+        cfg, [b.slide_id for b in train], [b.slide_id for b in val], inputs, "feature stores"
+    )
     if main:
         run = prepare_run_dir(cfg)
         save_resolved(resolved, run / "config.yaml")
@@ -209,7 +316,7 @@ def _train_cached(
     model = PositionalAttentionMIL(model_cfg)
     if model_cfg.feature_norm == "standard":
         model.set_feature_stats(*feature_stats(b.features for b in train))
-    trainer = Trainer(resolved, model, train, val, run, info=info, progress=progress)
+    trainer = Trainer(resolved, model, train, val, run, info=info, progress=progress, inputs=inputs)
     trainer.fit()
     if main:
         _plot_history(trainer, run)

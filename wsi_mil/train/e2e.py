@@ -409,14 +409,19 @@ class E2ETrainer(Trainer):
         run_dir: Path,
         info: Any,
         progress: bool = True,
+        inputs: dict[str, str] | None = None,
     ) -> None:
-        super().__init__(cfg, head, train_bags, val_bags, run_dir, info=info, progress=progress)
+        super().__init__(
+            cfg, head, train_bags, val_bags, run_dir, info=info, progress=progress, inputs=inputs
+        )
         self.encoder = encoder.to(self.device)
         self.enc_info = encoder.info  # type: ignore[attr-defined]
         self.amp_dtype, self.channels_last = device_settings(self.device)
         if self.channels_last:
             self.encoder.to(memory_format=torch.channels_last)
         self.current_epoch = 0
+
+    input_kind = "patch stores"
 
     def param_groups(self) -> list[dict[str, Any]]:
         enc_lr = resolve_encoder_lr(self.cfg)
@@ -600,15 +605,19 @@ def train_e2e(cfg: TrainConfig, entries: Sequence[SlideEntry], progress: bool = 
 
 
 def _train_e2e(cfg: TrainConfig, entries: Sequence[SlideEntry], info: Any, progress: bool) -> Path:
+    from wsi_mil.features.extract import store_digest
     from wsi_mil.mil.model import PositionalAttentionMIL
     from wsi_mil.train.cached import (
+        check_resume_checkpoint,
         check_resume_options,
         check_train_classes,
         prepare_run_dir,
+        resolve_run_flags,
         write_splits_csv,
     )
 
     check_e2e_config(cfg)
+    cfg = resolve_run_flags(cfg)
     main = dist_.is_main(info)
     train, val, splits = open_e2e_bags(cfg, entries)
     check_train_classes(train)  # type: ignore[arg-type]
@@ -617,7 +626,12 @@ def _train_e2e(cfg: TrainConfig, entries: Sequence[SlideEntry], info: Any, progr
     model_cfg = replace(cfg.model, in_dim=int(enc_info.out_dim))
     resolved = replace(cfg, mode="e2e", model=model_cfg, encoder_lr=resolve_encoder_lr(cfg))
     run = Path(cfg.run)
+    # what the run learns from: the patch stores' content (as extract judges it current)
+    inputs = {b.slide_id: store_digest(b.store) for b in [*train, *val]}
     check_resume_options(cfg, resolved)
+    check_resume_checkpoint(
+        cfg, [b.slide_id for b in train], [b.slide_id for b in val], inputs, "patch stores"
+    )
     if main:
         run = prepare_run_dir(cfg)
         save_resolved(resolved, run / "config.yaml")
@@ -631,7 +645,9 @@ def _train_e2e(cfg: TrainConfig, entries: Sequence[SlideEntry], info: Any, progr
     )  # fmt: skip
     seed_everything(cfg.seed)
     head = PositionalAttentionMIL(model_cfg)
-    trainer = E2ETrainer(resolved, head, encoder, train, val, run, info, progress=progress)
+    trainer = E2ETrainer(
+        resolved, head, encoder, train, val, run, info, progress=progress, inputs=inputs
+    )
     trainer.fit()
     if main:
         from wsi_mil.train.cached import _plot_history

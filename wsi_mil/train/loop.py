@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import os
 import random
 import time
 from collections.abc import Sequence
@@ -154,6 +155,55 @@ def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
     return ck
 
 
+#: how to go on when a run cannot be resumed ('wsi-mil run' resumes by itself: there,
+#: overwrite belongs in the config for one run only; it wins over resume)
+RESUME_FIX = "start afresh with --overwrite (config: train: overwrite: true, for one run)"
+
+
+def check_resumable(
+    ck: dict[str, Any],
+    path: str | os.PathLike,
+    epochs: int,
+    train_ids: Sequence[str],
+    val_ids: Sequence[str],
+    inputs: dict[str, str] | None = None,
+    kind: str = "feature stores",
+) -> None:
+    """:class:`ConfigError` when checkpoint ``ck`` (read from ``path``) cannot go on as this run.
+
+    Refused: other train/val slides; ``inputs`` (slide_id -> digest of the store the slide's
+    bag is read from) that differ from the ones the checkpoint records (its model learnt from
+    other features or patches, which the run would now mix in); more epochs already trained
+    than ``epochs`` (``config.yaml`` would claim fewer epochs than ``metrics.csv`` holds).
+    Checkpoints written before inputs were recorded are not compared on them.
+    """
+    for key, mine in (("train_ids", train_ids), ("val_ids", val_ids)):
+        if ck.get(key) is not None and list(ck[key]) != list(mine):
+            raise ConfigError(
+                f"--resume: {path} was trained on other {key.split('_')[0]} slides than this run selects",
+                "resume with the same slide table, features and split options, or start a new --run",
+            )
+    recorded = ck.get("inputs") or {}
+    if inputs is not None and recorded:
+        changed = [s for s in recorded if s in inputs and inputs[s] != recorded[s]]
+        if changed:
+            shown = ", ".join(changed[:5]) + (
+                f" (+{len(changed) - 5} more)" if len(changed) > 5 else ""
+            )
+            raise ConfigError(
+                f"--resume: {path} was trained on other {kind}: those of {len(changed)} of "
+                f"{len(recorded)} slides changed since ({shown}), and continuing would mix "
+                "the two",
+                f"{RESUME_FIX}, give another --run, or restore the {kind} it was trained on",
+            )
+    done = int(ck.get("epoch", 0))
+    if done > epochs:
+        raise ConfigError(
+            f"--resume: {path} has already trained {done} epochs, more than --epochs {epochs}",
+            f"pass --epochs {done} or more to keep the run, {RESUME_FIX}, or give another --run",
+        )
+
+
 # ---------------------------------------------------------------- trainer
 class Trainer:
     """Train a MIL head on in-memory bags (objects with ``.label``, ``.slide_id``).
@@ -171,6 +221,7 @@ class Trainer:
         run_dir: str | Path,
         info: dist_.DistInfo | None = None,
         progress: bool = True,
+        inputs: dict[str, str] | None = None,
     ) -> None:
         self.cfg = cfg
         self.model = model
@@ -186,6 +237,12 @@ class Trainer:
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: Any = None
         self.early = EarlyStopping()
+        #: slide_id -> digest of the store its bag is read from; checkpointed, so that
+        #: --resume refuses once the stores have changed (see :func:`check_resumable`)
+        self.inputs: dict[str, str] = dict(inputs or {})
+
+    #: what :attr:`inputs` are digests of (for messages)
+    input_kind = "feature stores"
 
     # ------------------------------------------------------------ setup
     @property
@@ -392,6 +449,7 @@ class Trainer:
             "history": [dict(r) for r in self.history],
             "train_ids": [b.slide_id for b in self.train_bags],
             "val_ids": [b.slide_id for b in self.val_bags],
+            "inputs": dict(self.inputs),
             "train_config": to_plain(self.cfg),
             "extra": self.extra_state(),
         }
@@ -422,12 +480,15 @@ class Trainer:
             log.info("--resume: no %s yet, starting from epoch 1", last)
             return
         ck = load_checkpoint_file(last)
-        for key, mine in (("train_ids", self.train_bags), ("val_ids", self.val_bags)):
-            if ck.get(key) is not None and list(ck[key]) != [b.slide_id for b in mine]:
-                raise ConfigError(
-                    f"--resume: {last} was trained on other {key.split('_')[0]} slides than this run selects",
-                    "resume with the same slide table, features and split options, or start a new --run",
-                )
+        check_resumable(
+            ck,
+            last,
+            self.cfg.epochs,
+            [b.slide_id for b in self.train_bags],
+            [b.slide_id for b in self.val_bags],
+            self.inputs or None,
+            self.input_kind,
+        )
         self.load_state_dict(ck)
         if dist_.is_main(self.info):
             log.info("resumed %s at epoch %d/%d", last, self.epoch, self.cfg.epochs)
