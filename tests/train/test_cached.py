@@ -381,22 +381,59 @@ def test_resume_with_fewer_epochs_than_trained_is_refused(tmp_path):
     train(_cfg(tmp_path, epochs=3, resume=True, early_stop="none"), entries, progress=False)
 
 
-def test_resume_accepts_a_run_that_recorded_a_relative_feature_folder(tmp_path, monkeypatch):
-    """Runs now record the feature folder as an absolute path; a run recorded by an older
-    version with the relative spelling of the same folder still resumes."""
+def test_resume_compares_paths_as_folders_and_leaves_features_to_the_digests(tmp_path, monkeypatch):
+    """Paths are compared as the folders they name (older runs recorded them relative); the
+    feature folder may move (a project copied elsewhere): the checkpoint's digests of the
+    stores decide whether the features changed."""
     import dataclasses
 
     from wsi_mil.config import save_resolved
     from wsi_mil.train.cached import check_resume_options
 
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "w" / "features" / "t").mkdir(parents=True)
+    (tmp_path / "w").mkdir()
     run = tmp_path / "r"
     (run / "checkpoints").mkdir(parents=True)
     (run / "checkpoints" / "last.pt").write_bytes(b"")
-    cfg = TrainConfig(run=run, resume=True, features=tmp_path / "w" / "features" / "t")
-    save_resolved(dataclasses.replace(cfg, features="w/features/t"), run / "config.yaml")
-    check_resume_options(cfg, cfg)  # same folder, other spelling: resumes
-    other = dataclasses.replace(cfg, features=tmp_path / "w" / "features" / "u")
-    with pytest.raises(ConfigError, match="features"):
+    cfg = TrainConfig(
+        run=run, resume=True, features=tmp_path / "w" / "t", weights=tmp_path / "e.pt"
+    )
+    save_resolved(dataclasses.replace(cfg, features="w/t", weights="e.pt"), run / "config.yaml")
+    check_resume_options(cfg, cfg)  # same files, other spelling: resumes
+    moved = dataclasses.replace(cfg, features=tmp_path / "elsewhere" / "t")
+    check_resume_options(moved, moved)
+    other = dataclasses.replace(cfg, weights=tmp_path / "other.pt")
+    with pytest.raises(ConfigError, match="weights"):
         check_resume_options(other, other)
+
+
+def test_overwrite_removes_only_a_runs_outputs(tmp_path):
+    """--overwrite deletes the previous model's outputs, never files of a folder that is not
+    a run, nor other files in attention/ and heatmaps/."""
+    from wsi_mil.train.cached import prepare_run_dir
+
+    folder = tmp_path / "figures"  # not a run: no config.yaml, no checkpoints/
+    (folder / "heatmaps").mkdir(parents=True)
+    for f in ("predictions.csv", "encoder.pt", "heatmaps/figure1.png"):
+        (folder / f).write_text("mine")
+    prepare_run_dir(TrainConfig(run=folder, overwrite=True))
+    assert all(
+        (folder / f).exists() for f in ("predictions.csv", "encoder.pt", "heatmaps/figure1.png")
+    )
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "attention").mkdir()
+    (run / "heatmaps").mkdir()
+    for f in (
+        "checkpoints/last.pt",
+        "predictions.csv",
+        "encoder.pt",
+        "attention/a.h5",
+        "heatmaps/a.png",
+        "heatmaps/notes.txt",
+    ):
+        (run / f).write_text("x")
+    prepare_run_dir(TrainConfig(run=run, overwrite=True))  # cached mode: encoder.pt is not its
+    left = sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file())
+    assert left == ["encoder.pt", "heatmaps/notes.txt"]
+    assert not (run / "attention").exists()

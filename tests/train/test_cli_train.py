@@ -198,3 +198,24 @@ def test_overwrite_removes_every_output_of_the_previous_model(cli, tmp_path):
     assert r.returncode == 0, r.stderr
     best = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
     assert json.loads((run / "metrics.json").read_text())["epoch"] == best["epoch"]
+
+
+def test_resume_typed_on_the_command_line_beats_overwrite_in_the_config(cli, tmp_path):
+    """'sbatch ... --resume' after a time-out, with 'overwrite: true' left in the config
+    (as advised for one run): the command line wins, the run resumes; in the config alone
+    overwrite wins (a config keeps 'resume: true' for 'wsi-mil run')."""
+    _, table = _data(tmp_path, n_bags=8, n_min=5, n_max=9)
+    run = tmp_path / "run"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train:\n  overwrite: true\n  resume: true\n")
+    assert cli(*_train_args(tmp_path, table, "run", "--epochs", "2"), env=ENV).returncode == 0
+    first = list(csv.DictReader(open(run / "metrics.csv")))
+    r = cli(*_train_args(tmp_path, table, "run", "--epochs", "3", "--config", str(cfg), "--resume"), env=ENV)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "starts afresh" not in r.stderr
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [int(row["epoch"]) for row in rows] == [1, 2, 3]
+    assert rows[:2] == first[:2]  # epochs 1-2 are the first run's (times too): resumed at 3
+    r = cli(*_train_args(tmp_path, table, "run", "--epochs", "3", "--config", str(cfg)), env=ENV)
+    assert r.returncode == 0, r.stderr
+    assert "starts afresh" in r.stderr  # a warning, shown with -q

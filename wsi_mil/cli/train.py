@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from wsi_mil.cli.common import config_option, progress_enabled, slide_inputs, work_option
 
@@ -263,6 +264,16 @@ def command(slides_csv: str | None, slide_paths: tuple[str, ...], **kw: Any) -> 
     model = ModelConfig(**{k: kw.pop(k) for k in model_keys})
     kw["work"] = Path(kw["work"])
     kw["backend"] = None if kw["backend"] == "auto" else kw["backend"]
+    if kw["resume"] and kw["overwrite"]:
+        # the one typed on the command line beats one from the config (e.g. 'sbatch ...
+        # --resume' after a time-out, with 'overwrite: true' left in the config); from the
+        # same place, --overwrite wins (train.cached.resolve_run_flags)
+        src = click.get_current_context().get_parameter_source
+        typed = {k for k in ("resume", "overwrite") if src(k) is ParameterSource.COMMANDLINE}
+        if typed == {"resume"}:
+            kw["overwrite"] = False
+        elif typed == {"overwrite"}:
+            kw["resume"] = False
     cfg = TrainConfig(model=model, **kw)
     entries = read_slide_table(slides_csv, slide_paths)
     run = train(cfg, entries, progress=progress_enabled())

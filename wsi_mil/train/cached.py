@@ -7,6 +7,7 @@ head's forward/backward passes. Writes the run folder ``R/``: ``config.yaml`` (r
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import logging
@@ -97,7 +98,12 @@ def resolve_run_flags(cfg: TrainConfig) -> TrainConfig:
     ``--overwrite`` given with it (on the command line, or in the config for one run) is
     the deliberate choice."""
     if cfg.resume and cfg.overwrite:
-        log.info("--overwrite and --resume both given: --overwrite wins, the run starts afresh")
+        if (Path(cfg.run) / "checkpoints" / "last.pt").exists():
+            log.warning(
+                "--overwrite and --resume both set: --overwrite wins, %s starts afresh and its "
+                "checkpoints are removed (take 'overwrite' out of the config to resume it)",
+                cfg.run,
+            )
         return dataclasses.replace(cfg, resume=False)
     return cfg
 
@@ -114,25 +120,48 @@ def prepare_run_dir(cfg: TrainConfig) -> Path:
             f"run folder {run} already holds a run ({last})",
             "pass --resume to continue it, --overwrite to start afresh, or another --run",
         )
-    if cfg.overwrite and not cfg.resume:
-        removed = remove_run_outputs(run)
+    if cfg.overwrite and not cfg.resume and is_run_dir(run):
+        removed = remove_run_outputs(run, e2e=cfg.mode == "e2e")
         if removed:
             log.info("--overwrite: removed the previous run's %s", ", ".join(removed))
     run.mkdir(parents=True, exist_ok=True)
     return run
 
 
-def remove_run_outputs(run: Path) -> list[str]:
-    """Delete :data:`RUN_OUTPUTS` of run folder ``run``; returns the names of those removed."""
-    import shutil
+def is_run_dir(run: Path) -> bool:
+    """Whether ``run`` holds a run written by 'wsi-mil train' (its config or checkpoints)."""
+    return (run / "config.yaml").is_file() or (run / "checkpoints").is_dir()
 
+
+#: files of these kinds in the run's attention/ and heatmaps/ folders are the model's outputs
+_RUN_OUTPUT_SUFFIXES = {
+    "attention": (".h5", ".lock"),
+    "heatmaps": (".png", ".csv", ".json", ".yaml", ".lock"),
+}
+
+
+def remove_run_outputs(run: Path, e2e: bool = False) -> list[str]:
+    """Delete :data:`RUN_OUTPUTS` of run folder ``run`` (``encoder.pt`` only for an ``e2e``
+    run; in ``attention/`` and ``heatmaps/`` only the kinds of file predict and heatmap
+    write, then the folder if empty); returns the names of those removed."""
     removed = []
     for name in RUN_OUTPUTS:
         p = run / name
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
-            removed.append(f"{name}/")
-        elif p.exists() or p.is_symlink():
+        if name == "encoder.pt" and not e2e:
+            continue
+        if name in _RUN_OUTPUT_SUFFIXES:
+            if p.is_dir() and not p.is_symlink():
+                files = [f for f in p.rglob("*") if f.suffix in _RUN_OUTPUT_SUFFIXES[name]]
+                for f in files:
+                    f.unlink()
+                for d in sorted((d for d in p.rglob("*") if d.is_dir()), reverse=True):
+                    with contextlib.suppress(OSError):
+                        d.rmdir()
+                with contextlib.suppress(OSError):
+                    p.rmdir()
+                if files:
+                    removed.append(f"{name}/ ({len(files)} files)")
+        elif p.is_file() or p.is_symlink():
             p.unlink()
             removed.append(name)
     return removed
@@ -150,6 +179,9 @@ RESUMABLE_CHANGES = frozenset(
         "device",
         "work",
         "run",
+        # the checkpoint's digests of the stores decide whether features changed; the
+        # folder's path changes when a project moves
+        "features",
     }
 )
 
@@ -164,7 +196,7 @@ def _same_option(key: str, old: Any, new: Any) -> bool:
     if old == new:
         return True
     if key in _PATH_OPTIONS and isinstance(old, str) and isinstance(new, str):
-        return os.path.abspath(old) == os.path.abspath(new)
+        return os.path.realpath(old) == os.path.realpath(new)
     return False
 
 
@@ -216,7 +248,7 @@ def check_resume_checkpoint(
 
 
 #: feature-store attrs that say where things are, not what the features are
-LOCATION_ATTRS = frozenset({"slide_id", "slide_path", "source_store"})
+LOCATION_ATTRS = frozenset({"slide_id", "slide_path", "source_store", "coords_file"})
 
 
 def feature_store_digest(bag: Bag) -> str:

@@ -175,10 +175,14 @@ def features_folder(cfg: PredictConfig, run_cfg: dict[str, Any], run: Path) -> P
     if tag and Path(cfg.work) != _DEFAULT_WORK:
         d = Path(cfg.work) / "features" / tag
         if not d.is_dir():
-            raise ConfigError(
-                f"feature folder {d} does not exist (the run was trained on {tag} features)",
+            hint = (
                 f"run 'wsi-mil extract --work {cfg.work}' with the encoder options the run was "
-                "trained with, or pass --features DIR",
+                "trained with, or pass --features DIR"
+            )
+            if Path(str(recorded)).is_dir():  # e.g. --work given only for failures.csv
+                hint += f" (the run's own: --features {recorded})"
+            raise ConfigError(
+                f"feature folder {d} does not exist (the run was trained on {tag} features)", hint
             )
         return d
     return resolve_recorded_features(str(recorded), run_cfg, run, tag)
