@@ -229,3 +229,12 @@ def test_e2e_predict_refuses_patches_of_another_size(tmp_path, cli):
     assert [f["slide_id"] for f in fails] == ["s2"]
     assert "24 px patches" in fails[0]["reason"] and "16 px" in fails[0]["reason"]
     assert sorted(pd.read_csv(tmp_path / "pmix" / "predictions.csv").slide_id) == ["s0", "s1", "s3"]
+
+    # the checkpoint records the size: the check holds with the training stores re-tiled
+    # (or gone), where it used to be skipped
+    best = torch.load(run / "checkpoints" / "best.pt", weights_only=False)
+    assert best["extra"]["patch_size"] == 16
+    shutil.rmtree(tmp_path / "w" / "patches")
+    r = _predict(cli, "--slides", table, "--work", tmp_path / "w24", "--run", run,
+                 "--out-dir", tmp_path / "p24b")  # fmt: skip
+    assert r.returncode == 2 and "trained on 16 px patches" in r.stderr, r.stderr

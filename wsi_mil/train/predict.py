@@ -245,12 +245,15 @@ def _recorded_candidates(value: str, run_cfg: dict[str, Any], run: Path) -> list
 def trained_patch_size(
     ck: dict[str, Any], run_cfg: dict[str, Any], run: Path, work: str | Path
 ) -> int | None:
-    """The patch size an e2e run was trained on: that of one of its training patch stores
-    (in ``work`` or the run's recorded work folder) whose content digest is the one the
-    checkpoint recorded for it (``inputs``), so a store re-tiled since does not count. None
-    when no such store is left to ask."""
+    """The patch size an e2e run was trained on: as its checkpoint records it, else (older
+    checkpoints) that of one of its training patch stores (in ``work`` or the run's recorded
+    work folder) whose content digest is the one the checkpoint recorded for it
+    (``inputs``), so a store re-tiled since does not count. None when neither can tell."""
     from wsi_mil.features.extract import store_digest
 
+    recorded = (ck.get("extra") or {}).get("patch_size")
+    if recorded:
+        return int(recorded)
     inputs = ck.get("inputs")
     if not isinstance(inputs, dict) or not inputs:
         return None
