@@ -186,13 +186,14 @@ RESUMABLE_CHANGES = frozenset(
 )
 
 
-#: options holding paths: a relative and an absolute spelling of one folder are the same
-_PATH_OPTIONS = ("features", "work", "run", "weights")
+#: compared options holding paths (the others are in RESUMABLE_CHANGES): a relative and an
+#: absolute spelling of one file are the same
+_PATH_OPTIONS = ("weights",)
 
 
 def _same_option(key: str, old: Any, new: Any) -> bool:
-    """Whether a saved option equals the new one (paths compared as absolute paths: older
-    runs recorded ``features`` as given, relative to the working folder)."""
+    """Whether a saved option equals the new one (paths compared as real paths: a run may
+    have recorded one relative to the folder train ran in)."""
     if old == new:
         return True
     if key in _PATH_OPTIONS and isinstance(old, str) and isinstance(new, str):

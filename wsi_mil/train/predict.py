@@ -274,17 +274,26 @@ def trained_patch_size(
     return None
 
 
-def _patch_size(store: Path) -> int | None:
-    """A patch store's ``patch_size`` attr from its root ``zarr.json`` (None: unreadable)."""
+def _store_root_attrs(store: Path) -> dict[str, Any] | None:
+    """A patch store's attrs from its root ``zarr.json`` (no zarr machinery for a value or
+    two); None when unreadable."""
     try:
-        meta = json.loads((store / "zarr.json").read_text())
-        return int(meta["attributes"]["patch_size"])
-    except (OSError, KeyError, TypeError, ValueError):
+        attrs = json.loads((store / "zarr.json").read_text()).get("attributes", {})
+    except (OSError, ValueError, AttributeError):
+        return None
+    return attrs if isinstance(attrs, dict) else None
+
+
+def _patch_size(store: Path) -> int | None:
+    """A patch store's ``patch_size`` attr (None: unreadable)."""
+    try:
+        return int((_store_root_attrs(store) or {})["patch_size"])
+    except (KeyError, TypeError, ValueError):
         return None
 
 
-def _check_store_patch_size(store: Path, trained: int, run: Path) -> None:
-    size = _patch_size(store)
+def _check_store_patch_size(store: Path, size: int | None, trained: int, run: Path) -> None:
+    """DataError when patch store ``store`` holds ``size`` px patches, not ``trained``."""
     if size is not None and size != trained:
         raise DataError(
             f"{store} holds {size} px patches, the run {run} was trained on {trained} px patches",
@@ -292,10 +301,13 @@ def _check_store_patch_size(store: Path, trained: int, run: Path) -> None:
         )
 
 
-def check_patch_sizes(entries: Sequence[SlideEntry], folder: Path, trained: int, run: Path) -> None:
-    """e2e: a usage error when no patch store of the call (all slides, not one shard's) has
-    the run's patch size: a work folder tiled otherwise is one error, not N failures. Stores
-    of another size among right ones fail their slide (:func:`_check_store_patch_size`)."""
+def check_patch_sizes(
+    entries: Sequence[SlideEntry], folder: Path, trained: int, run: Path
+) -> dict[str, int]:
+    """e2e: slide_id -> patch size of its store in ``folder`` (where readable); a usage error
+    when no patch store of the call (all slides, not one shard's) has the run's patch size:
+    a work folder tiled otherwise is one error, not N failures. Stores of another size among
+    right ones fail their slide (:func:`_check_store_patch_size`)."""
     sizes = {
         e.slide_id: s
         for e in entries
@@ -307,6 +319,7 @@ def check_patch_sizes(entries: Sequence[SlideEntry], folder: Path, trained: int,
             f"px patches, the run {run} was trained on {trained} px patches",
             f"tile the slides with --patch-size {trained} into a --work folder of their own",
         )
+    return sizes
 
 
 def read_run_splits(run: str | Path) -> dict[str, str]:
@@ -498,6 +511,7 @@ def predict_slides(
     e2e = run_cfg.get("mode", "cached") == "e2e"
     stores: dict[str, Path] = {}
     trained_ps: int | None = None  # e2e: the patch size the run was trained on, when known
+    store_ps: dict[str, int] = {}  # e2e: slide_id -> patch size of its store
     if e2e:
         from wsi_mil.train.e2e import E2EEncoder, patches_dir
 
@@ -508,7 +522,7 @@ def predict_slides(
         # e2e training refuses patch stores of mixed sizes; the encoder would score any size
         trained_ps = trained_patch_size(ck, run_cfg, run, cfg.work)
         if trained_ps is not None:
-            check_patch_sizes(entries, pdir, trained_ps, run)
+            store_ps = check_patch_sizes(entries, pdir, trained_ps, run)
     else:
         fdir = features_folder(cfg, run_cfg, run)
         # decided over all slides, not this shard's: whether a shard stops must not depend
@@ -572,7 +586,7 @@ def predict_slides(
         sid = entry.slide_id
         if e2e and trained_ps is not None:  # before reuse: a file scored from them is no better
             try:
-                _check_store_patch_size(stores[sid], trained_ps, run)
+                _check_store_patch_size(stores[sid], store_ps.get(sid), trained_ps, run)
             except DataError:
                 if cfg.attention:  # heatmap draws every file
                     out.unlink(missing_ok=True)
@@ -801,12 +815,12 @@ def tiling_significant_bits(
         candidate = Path(work) / "patches" / f"{slide_id}.zarr"
         if candidate.exists():
             patch_store = candidate
-    if patch_store is None:
+    attrs = None if patch_store is None else _store_root_attrs(patch_store)
+    if attrs is None:
         return None
-    try:  # the store's root zarr.json holds its attrs: no zarr machinery for one value
-        meta = json.loads((patch_store / "zarr.json").read_text())
-        return int(meta.get("attributes", {}).get("significant_bits") or 0)
-    except (OSError, TypeError, ValueError, AttributeError):
+    try:
+        return int(attrs.get("significant_bits") or 0)
+    except (TypeError, ValueError):
         return None
 
 

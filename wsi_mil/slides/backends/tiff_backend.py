@@ -181,6 +181,8 @@ def openslide_vendor(path: Path) -> str | None:
         return None
 
 
+#: top-level pages looked at for pyramid levels tifffile did not list
+_MAX_LEVEL_PAGES = 64
 #: names of associated images (Bio-Formats, vendors) that are not the slide
 _ASSOCIATED_NAME = re.compile(r"(?i)^(label|macro|thumbnail|overview)([ _-]?image)?$")
 
@@ -266,7 +268,8 @@ class TiffSlide(Slide):
         p0 = base.pages[0]
         used = {int(p.offset) for lv in levels for p in lv.pages}
         out = []
-        for page in self._tf.pages:
+        # vendor pyramids hold a handful of IFDs; an image stack's thousands are not read
+        for page in itertools.islice(self._tf.pages, _MAX_LEVEL_PAGES):
             page = page.aspage() if hasattr(page, "aspage") else page
             w, h = int(page.imagewidth), int(page.imagelength)
             if (
