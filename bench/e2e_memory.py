@@ -11,8 +11,8 @@ Every (method, N) case runs in a FRESH subprocess. Memory method:
 - CUDA: ``torch.cuda.max_memory_allocated()`` minus the allocated bytes after setup.
 Time: the fastest of ``--repeats`` steps on the same bag (gradients accumulate; irrelevant here).
 Patches come from an in-memory generator (deterministic uint8 noise made per chunk on
-request, never all held), not from a patch store, so reading costs are the same for both
-methods. The naive step keeps one autograd graph over the whole bag (every activation of
+request on the step's device, never all held), not from a patch store, so reading costs are
+the same for both methods. The naive step keeps one autograd graph over the whole bag (every activation of
 every patch) and runs only where it fits (``--naive-max``). Printed: growth, growth / (N*D*4
 bytes), the growth from the smallest to the largest N against N*D*4 bytes, and time per
 patch ours/naive measured in the same run. The machine may be shared: compare ratios.
@@ -57,8 +57,9 @@ def worker(args: argparse.Namespace) -> dict:
     P = args.patch_px
 
     def read_chunk(s: int, e: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(s)
-        return torch.randint(0, 256, (e - s, P, P, 3), dtype=torch.uint8, generator=g)
+        # made on the device: on a GPU a one-thread CPU generator, not the step, set the pace
+        g = torch.Generator(device=dev).manual_seed(s)
+        return torch.randint(0, 256, (e - s, P, P, 3), dtype=torch.uint8, generator=g, device=dev)
 
     def prepare(x: torch.Tensor) -> torch.Tensor:
         return preprocess(x, enc.info, device=dev)
@@ -166,7 +167,7 @@ def main() -> None:
         print("NOTE: smaller patches and/or a narrower encoder than the seed's 224 px / 64-128-256 (CPU time);"
               " the memory argument does not depend on them: ours grows with N*D only")  # fmt: skip
     print(
-        f"patches: in-memory generator (uint8 noise per chunk); memory: {mem}; each case in a fresh subprocess"
+        f"patches: in-memory generator (uint8 noise per chunk, made on {args.device}); memory: {mem}; each case in a fresh subprocess"
     )
     print(
         f"{'N':>8} {'method':>6} {'growth MB':>10} {'/(N*D*4)':>9} {'s/step':>8} {'ms/patch':>9} {'warm-up MB':>11}"
