@@ -68,6 +68,31 @@ def test_patch_fraction_matches_brute_force():
         assert g == pytest.approx(full.mean())
 
 
+def test_patch_fraction_counting_and_integral_image_agree():
+    """Few patches are counted one by one, many through an integral image: same fractions."""
+    from wsi_mil.tiling.tissue import DIRECT_COUNT_MAX_PATCHES
+
+    rng = np.random.default_rng(1)
+    mask = rng.random((64, 96)) < 0.4
+    step = 3.0  # level-0 px; patches of 10 px overlap, the grid runs past every edge
+    g = np.arange(-6, 300, step)
+    xy = np.stack(np.meshgrid(g, g[:60]), -1).reshape(-1, 2)
+    assert len(xy) > DIRECT_COUNT_MAX_PATCHES
+    many = patch_tissue_fraction(mask, (3.0, 2.5), xy, 10.0)
+    few = np.concatenate(
+        [
+            patch_tissue_fraction(mask, (3.0, 2.5), xy[i : i + 50], 10.0)
+            for i in range(0, len(xy), 50)
+        ]
+    )
+    np.testing.assert_array_equal(many, few)
+    for (x, y), f in zip(xy[::97], many[::97], strict=True):  # brute force on a sample
+        x0, y0 = int(np.floor(x / 3.0)), int(np.floor(y / 2.5))
+        x1, y1 = int(np.ceil((x + 10) / 3.0 - 1e-9)), int(np.ceil((y + 10) / 2.5 - 1e-9))
+        inside = mask[max(y0, 0) : max(min(y1, 64), 0), max(x0, 0) : max(min(x1, 96), 0)].sum()
+        assert f == pytest.approx(inside / ((x1 - x0) * (y1 - y0)))
+
+
 def test_patch_smaller_than_a_mask_pixel():
     mask = np.array([[True, False]])
     got = patch_tissue_fraction(mask, (100.0, 100.0), np.array([[10, 10], [150, 10]]), 20.0)

@@ -317,7 +317,15 @@ def remove_small_objects(mask: np.ndarray, min_px: int) -> np.ndarray:
     sizes = np.bincount(lab.ravel())
     keep = sizes >= min_px
     keep[0] = False
+    if keep[1:].all():  # nothing to drop: skip relabelling every pixel
+        return np.asarray(mask, bool)
     return keep[lab]
+
+
+#: patch_tissue_fraction counts pixels patch by patch up to this many patches (unless they
+#: overlap so much that they count the mask over 8 times); beyond, it builds an integral
+#: image of the mask
+DIRECT_COUNT_MAX_PATCHES = 512
 
 
 def patch_tissue_fraction(
@@ -336,12 +344,9 @@ def patch_tissue_fraction(
     xy = np.asarray(level0_xy, np.float64).reshape(-1, 2)
     if len(xy) == 0:
         return np.zeros(0, np.float32)
+    mask = np.asarray(mask, bool)
     h, w = mask.shape
     sx, sy = level0_per_mask_px
-    integral = np.zeros((h + 1, w + 1), np.int32)
-    counts = mask.astype(np.int32)
-    np.cumsum(counts, axis=0, out=counts)
-    np.cumsum(counts, axis=1, out=integral[1:, 1:])
     x0 = np.floor(xy[:, 0] / sx).astype(np.int64)
     y0 = np.floor(xy[:, 1] / sy).astype(np.int64)
     x1 = np.maximum(x0 + 1, np.ceil((xy[:, 0] + patch_px_level0) / sx - 1e-9).astype(np.int64))
@@ -349,7 +354,24 @@ def patch_tissue_fraction(
     area = (x1 - x0) * (y1 - y0)
     cx0, cx1 = np.clip(x0, 0, w), np.clip(x1, 0, w)
     cy0, cy1 = np.clip(y0, 0, h), np.clip(y1, 0, h)
-    inside = integral[cy1, cx1] - integral[cy0, cx1] - integral[cy1, cx0] + integral[cy0, cx0]
+    counted_px = int(((cx1 - cx0).clip(0) * (cy1 - cy0).clip(0)).sum())
+    if len(xy) <= DIRECT_COUNT_MAX_PATCHES and counted_px <= 8 * h * w:
+        # few patches (small images): counting their pixels beats building the integral image
+        inside = np.array(
+            [
+                np.count_nonzero(mask[a:b, c:d])
+                for a, b, c, d in zip(
+                    cy0.tolist(), cy1.tolist(), cx0.tolist(), cx1.tolist(), strict=True
+                )
+            ],
+            np.int64,
+        )
+    else:
+        integral = np.zeros((h + 1, w + 1), np.int32)
+        # along rows first: both sums then run over contiguous memory (2x faster)
+        np.cumsum(mask, axis=1, dtype=np.int32, out=integral[1:, 1:])
+        np.cumsum(integral[1:, 1:], axis=0, out=integral[1:, 1:])
+        inside = integral[cy1, cx1] - integral[cy0, cx1] - integral[cy1, cx0] + integral[cy0, cx0]
     return (inside / np.maximum(area, 1)).astype(np.float32)
 
 
