@@ -327,6 +327,13 @@ def main() -> None:
     ap.add_argument("--big-size", type=int, default=71680)
     ap.add_argument("--big-no-pixels", action="store_true", help="big run: coords + tissue only")
     ap.add_argument("--keep", action="store_true", help="keep the patch stores written")
+    ap.add_argument(
+        "--stores",
+        type=Path,
+        default=OUT,
+        help="folder the patch stores are written under (default bench/out); on many cores "
+        "raw pixels go as fast as this disk takes them: try local scratch vs /dev/shm",
+    )
     ap.add_argument("--_child", nargs=5, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a._child:
@@ -342,9 +349,11 @@ def main() -> None:
         f"slide {slide} (JPEG quality {a.quality}, level 0 {level0_bits_per_px(slide):.2f} "
         f"bits/px, {slide.stat().st_size / 1e6:.0f} MB, written/reused in "
         f"{time.perf_counter() - t0:.0f} s), workers={workers}, patch={a.patch}, "
-        f"{os.cpu_count()} CPUs, load average {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}"
+        f"{os.cpu_count()} CPUs, load average {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}, "
+        f"stores under {a.stores}"
     )
-    tmp = Path(tempfile.mkdtemp(prefix="bench_tile_", dir=OUT))
+    a.stores.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_tile_", dir=a.stores))
     comps = a.compressions.split(",")
     ours: dict[str, list] = {c: [] for c in comps}
     info: dict[str, dict] = {}
@@ -429,7 +438,7 @@ def main() -> None:
         big = write_slide(
             slide_path(a.big_size, a.quality), a.big_size, quality=a.quality, workers=workers
         )
-        work = Path(tempfile.mkdtemp(prefix="bench_tile_big_", dir=OUT))
+        work = Path(tempfile.mkdtemp(prefix="bench_tile_big_", dir=a.stores))
         try:
             cmd = [
                 sys.executable,
