@@ -93,3 +93,15 @@ def test_normalised_xy():
     n = normalised_xy(np.array([[0, 0], [50, 25]]), 100, 50)
     assert n.dtype == np.float32
     np.testing.assert_allclose(n, [[0, 0], [0.5, 0.5]])
+
+
+def test_read_threads_default_is_the_cpus_capped_and_shared_out():
+    from wsi_mil.tiling.tile import DEFAULT_MAX_READ_THREADS, read_threads
+
+    assert read_threads(None, cpus=2) == 2
+    assert read_threads(None, cpus=64) == DEFAULT_MAX_READ_THREADS  # more stop helping (GIL)
+    assert read_threads(None, processes=4, cpus=16) == 4
+    assert read_threads(None, processes=4, cpus=2) == 1
+    assert read_threads(16, cpus=64) == 16  # asked for: given, not capped
+    assert read_threads(16, processes=2, cpus=4) == 8
+    assert read_threads(1, processes=3) == 1

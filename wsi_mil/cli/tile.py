@@ -152,7 +152,8 @@ from wsi_mil.config import TileConfig
     type=int,
     default=None,
     help="Tile-reading threads. Default: the CPUs this job may use (affinity, cgroup quota, "
-    "SLURM_CPUS_PER_TASK).",
+    "SLURM_CPUS_PER_TASK), at most 8 per process: more threads stop helping, as part of "
+    "each tile's work holds Python's GIL. With --processes, shared out among them.",
 )
 @click.option(
     "--processes",

@@ -146,6 +146,24 @@ def tiling_params(cfg: TileConfig) -> dict[str, Any]:
     }
 
 
+#: read threads per tiling process when --workers is not given. Past about 8, the Python
+#: share of each tile's work (run under the GIL) stops more threads from helping: on a
+#: 16-core node one 16,384^2 slide took 0.51 s with 8 threads, 0.77 s with 16 and 0.86 s
+#: with 4 (bench/tile.py --workers N --stores /dev/shm/x)
+DEFAULT_MAX_READ_THREADS = 8
+
+
+def read_threads(workers: int | None, processes: int = 1, cpus: int | None = None) -> int:
+    """Read threads of each of ``processes`` tiling processes: ``workers`` shared out among
+    them, or by default the CPUs this job may use (``cpus``) shared out, at most
+    :data:`DEFAULT_MAX_READ_THREADS`."""
+    per = max(1, processes)
+    if workers is not None:
+        return max(1, workers // per)
+    cpus = available_cpus() if cpus is None else cpus
+    return max(1, min(DEFAULT_MAX_READ_THREADS, cpus // per))
+
+
 def tile_slides(
     cfg: TileConfig,
     entries: Sequence[Any],
@@ -164,14 +182,15 @@ def tile_slides(
     out.mkdir(parents=True, exist_ok=True)
     save_resolved(cfg, out / "config.yaml")
     items = shard_items(list(entries), shard, key=lambda e: e.slide_id)
-    workers = cfg.workers or available_cpus()
     with contextlib.ExitStack() as stack:
         if cfg.processes > 1 and len(items) > 1:
             # each process tiles one slide at a time with its share of the threads
-            per_process = dataclasses.replace(cfg, workers=max(1, workers // cfg.processes))
+            per_process = dataclasses.replace(cfg, workers=read_threads(cfg.workers, cfg.processes))
             fn: Any = functools.partial(_tile_slide_in_worker, per_process)
         else:
-            pool = stack.enter_context(ThreadPoolExecutor(workers, thread_name_prefix="tile-read"))
+            pool = stack.enter_context(
+                ThreadPoolExecutor(read_threads(cfg.workers), thread_name_prefix="tile-read")
+            )
             fn = lambda e: tile_slide(cfg, e, pool=pool, progress=progress)  # noqa: E731
         return run_per_slide(
             "tile",
@@ -420,7 +439,7 @@ def _write_pixels(
     from tqdm.auto import tqdm
 
     own_pool = pool is None
-    pool = pool or ThreadPoolExecutor(available_cpus(), thread_name_prefix="tile-read")
+    pool = pool or ThreadPoolExecutor(read_threads(None), thread_name_prefix="tile-read")
     p = choice.patch_px
     # chunk buffers recycled between filling (the read pool) and encoding + writing (the
     # writer's pool): fresh memory for every chunk would cost page faults on every chunk.
