@@ -225,6 +225,10 @@ def plan_stages(config_path: str | os.PathLike, stages: Sequence[str] | None = N
 
 
 # ---------------------------------------------------------------- running
+#: width of the status column of ``wsi-mil run``'s stage lines (the longest status)
+STATUS_WIDTH = len("some slides failed")
+
+
 @dataclass
 class StageRun:
     """Outcome of one stage of ``wsi-mil run``."""
@@ -240,7 +244,9 @@ class StageRun:
         s = status.get(self.exit_code, f"failed (exit {self.exit_code})")
         if self.exit_code == 0 and self.up_to_date:
             s = "up to date"
-        return f"[run] {self.stage:<8} {s:<12} {self.seconds:7.1f} s  -> {self.outputs}"
+        return (
+            f"[run] {self.stage:<8} {s:<{STATUS_WIDTH}}  {self.seconds:7.1f} s  -> {self.outputs}"
+        )
 
 
 def stage_args(
@@ -328,7 +334,9 @@ def run_pipeline(
     final = 0
     for stage in plan:
         if stage == "synth" and synth_up_to_date(config_path):
-            echo(f"[run] synth    up to date       -> {stage_output('synth', config_path)}")
+            pad = " " * (2 + 7 + 4)  # where StageRun.line has its seconds
+            status = f"{'up to date':<{STATUS_WIDTH}}"
+            echo(f"[run] {'synth':<8} {status}{pad}-> {stage_output('synth', config_path)}")
             continue
         take_last_batch()  # clear the previous stage's
         t0 = time.perf_counter()
