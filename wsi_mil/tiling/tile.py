@@ -376,7 +376,9 @@ def _build_store(
             encode_threads=cfg.workers,  # a share of the CPUs with --processes
         ) as writer:
             if cfg.pixels and len(level_xy):
-                _write_pixels(writer, slide, choice, level_xy, pool, progress, sid)
+                _write_pixels(
+                    writer, slide, choice, level_xy, pool, progress, sid, workers=cfg.workers
+                )
             png.result()  # a slide is done when its QC image is written too
             writer.commit()
     return len(level0_xy)
@@ -433,13 +435,15 @@ def _write_pixels(
     pool: ThreadPoolExecutor | None,
     progress: bool,
     sid: str,
+    workers: int | None = None,
 ) -> None:
-    """Cut patches tile-aligned (blocks decoded in ``pool``) and hand each chunk to the writer's
+    """Cut patches tile-aligned (blocks decoded in ``pool``, or in a pool of
+    :func:`read_threads` of ``workers`` made here) and hand each chunk to the writer's
     encode + write pool as soon as it is cut."""
     from tqdm.auto import tqdm
 
     own_pool = pool is None
-    pool = pool or ThreadPoolExecutor(read_threads(None), thread_name_prefix="tile-read")
+    pool = pool or ThreadPoolExecutor(read_threads(workers), thread_name_prefix="tile-read")
     p = choice.patch_px
     # chunk buffers recycled between filling (the read pool) and encoding + writing (the
     # writer's pool): fresh memory for every chunk would cost page faults on every chunk.
