@@ -277,6 +277,17 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+class CachedTrainer(Trainer):
+    """:class:`Trainer` on feature bags; its checkpoints record the resolution the stores
+    were tiled at (``extra["output_mpp"]``, ``extra["downsample"]``): predict checks the
+    stores it scores against it."""
+
+    def extra_state(self) -> dict[str, Any]:
+        from wsi_mil.train.predict import training_resolution
+
+        return training_resolution(b.attrs for b in [*self.train_bags, *self.val_bags])
+
+
 def write_splits_csv(path: Path, bags: Sequence[Bag], splits: dict[str, str]) -> None:
     """``R/splits.csv``: slide_id,label,split of every slide the run trained or validated on."""
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
@@ -349,7 +360,9 @@ def _train_cached(
     model = PositionalAttentionMIL(model_cfg)
     if model_cfg.feature_norm == "standard":
         model.set_feature_stats(*feature_stats(b.features for b in train))
-    trainer = Trainer(resolved, model, train, val, run, info=info, progress=progress, inputs=inputs)
+    trainer = CachedTrainer(
+        resolved, model, train, val, run, info=info, progress=progress, inputs=inputs
+    )
     trainer.fit()
     if main:
         _plot_history(trainer, run)

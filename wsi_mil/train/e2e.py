@@ -503,13 +503,18 @@ class E2ETrainer(Trainer):
         )
 
     def extra_state(self) -> dict[str, Any]:
-        sizes = {int(b.store.patch_size) for b in [*self.train_bags, *self.val_bags]}
+        from wsi_mil.train.predict import training_resolution
+
+        bags = [*self.train_bags, *self.val_bags]
+        sizes = {int(b.store.patch_size) for b in bags}
         return {
             "encoder": {k: v.detach().cpu() for k, v in self.encoder.state_dict().items()},
             "encoder_name": self.enc_info.name,
             "encoder_kwargs": to_plain(dict(self.enc_info.kwargs)),
             # one size (load_bags refuses mixed ones): predict checks its stores against it
             "patch_size": sizes.pop() if len(sizes) == 1 else None,
+            # output_mpp, downsample: predict checks its stores' resolution against them
+            **training_resolution(b.store.attrs for b in bags),
         }
 
     def load_extra_state(self, state: dict[str, Any]) -> None:

@@ -29,7 +29,7 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,7 +50,7 @@ from wsi_mil.batch import (
     run_per_slide,
     shard_items,
 )
-from wsi_mil.config import PredictConfig
+from wsi_mil.config import PredictConfig, TileConfig
 from wsi_mil.errors import ConfigError, DataError, StoreError
 from wsi_mil.features.feature_store import open_features, plain_attr
 from wsi_mil.mil.bags import (
@@ -322,6 +322,147 @@ def check_patch_sizes(
     return sizes
 
 
+#: relative difference of two resolutions still taken as one: the tiler's ``--mpp`` tolerance
+RESOLUTION_TOLERANCE = TileConfig().mpp_tolerance
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """The scale of a store's patches: ``mpp`` microns per patch px (the slide's level-0 mpp
+    x downsample) and ``downsample`` level-0 px per patch px; None where unknown."""
+
+    mpp: float | None = None
+    downsample: float | None = None
+
+    @classmethod
+    def of_attrs(cls, attrs: Mapping[str, Any]) -> Resolution:
+        """From a patch store's (``output_mpp``) or feature store's (``mpp`` x ``downsample``)
+        attrs; stores of other tools (CLAM, TRIDENT) record neither: unknown."""
+        ds = _positive(attrs.get("downsample"))
+        mpp = _positive(attrs.get("output_mpp"))
+        if mpp is None and ds is not None and (slide_mpp := _positive(attrs.get("mpp"))):
+            mpp = slide_mpp * ds
+        return cls(mpp, ds)
+
+    @classmethod
+    def of_checkpoint(cls, ck: dict[str, Any]) -> Resolution:
+        """What a run was trained at (``extra["output_mpp"]``, ``extra["downsample"]``);
+        checkpoints of earlier versions record neither: unknown."""
+        extra = ck.get("extra") or {}
+        return cls(_positive(extra.get("output_mpp")), _positive(extra.get("downsample")))
+
+    def compared(self, trained: Resolution) -> tuple[str, float, float] | None:
+        """(unit, ours, trained) of what both know: the mpp, else the downsample; None when
+        nothing can be compared."""
+        if self.mpp is not None and trained.mpp is not None:
+            return "mpp", self.mpp, trained.mpp
+        if self.downsample is not None and trained.downsample is not None:
+            return "downsample", self.downsample, trained.downsample
+        return None
+
+    def matches(self, trained: Resolution) -> bool:
+        """False only when a value both know differs by more than the tolerance."""
+        c = self.compared(trained)
+        return c is None or _close(c[1], c[2])
+
+
+def _positive(value: Any) -> float | None:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):  # None, "" (HDF5's None), anything else
+        return None
+    return v if np.isfinite(v) and v > 0 else None
+
+
+def _close(value: float, ref: float) -> bool:
+    return abs(value / ref - 1.0) <= RESOLUTION_TOLERANCE
+
+
+def _common(values: Sequence[float | None]) -> float | None:
+    """The median of ``values`` when all are known and within the tolerance of it, else None."""
+    known = [v for v in values if v is not None]
+    if not known or len(known) < len(values):
+        return None
+    mid = float(np.median(known))
+    return mid if all(_close(v, mid) for v in known) else None
+
+
+def training_resolution(attrs: Iterable[Mapping[str, Any]]) -> dict[str, float | None]:
+    """The checkpoint's ``extra`` entries ``output_mpp`` (microns per patch px) and
+    ``downsample`` (level-0 px per patch px) the training stores (their ``attrs``) share;
+    None where one is unknown or they disagree. Predict checks its stores against them."""
+    res = [Resolution.of_attrs(a) for a in attrs]
+    return {
+        "output_mpp": _common([r.mpp for r in res]),
+        "downsample": _common([r.downsample for r in res]),
+    }
+
+
+def store_resolution(store: Path) -> Resolution:
+    """The resolution a patch store (``.zarr``) or HDF5 feature store records, from its
+    metadata only; unknown for other files and unreadable stores."""
+    if store.suffix == ".zarr":
+        return Resolution.of_attrs(_store_root_attrs(store) or {})
+    if store.suffix == ".h5":
+        try:
+            with h5py.File(store, "r") as f:
+                return Resolution.of_attrs({k: plain_attr(f.attrs[k]) for k in f.attrs})
+        except OSError:
+            pass
+    return Resolution()
+
+
+def _describe(unit: str, values: Iterable[float]) -> str:
+    """``0.25 microns/px`` or ``downsample 1 (...)``; several values joined by ``/``."""
+    v = "/".join(dict.fromkeys(f"{x:.3g}" for x in sorted(values)))
+    return f"{v} microns/px" if unit == "mpp" else f"downsample {v} (level-0 px per patch px)"
+
+
+def _resolution_fix(unit: str, trained: float, e2e: bool, own_work: bool = False) -> str:
+    """How to tile the slides at ``trained`` (2 significant digits: within the tolerance)."""
+    how = (
+        f"with --mpp {trained:.2g} (the run's resolution)"
+        if unit == "mpp"
+        else f"at the run's downsample {trained:.2g} (the --level of that downsample)"
+    )
+    where = " into a --work folder of their own" if own_work else ""
+    return f"tile the slides {how}{where}" + ("" if e2e else ", then extract their features")
+
+
+def _check_store_resolution(
+    store: Path, res: Resolution, trained: Resolution, run: Path, e2e: bool
+) -> None:
+    """DataError when ``store`` holds patches at another resolution than the run's."""
+    c = res.compared(trained)
+    if c is not None and not _close(c[1], c[2]):
+        unit, got, want = c
+        raise DataError(
+            f"{store} holds patches at {_describe(unit, [got])}, the run {run} was trained "
+            f"at {_describe(unit, [want])}",
+            _resolution_fix(unit, want, e2e),
+        )
+
+
+def check_resolutions(
+    stores: Mapping[str, Path], folder: Path, trained: Resolution, run: Path, e2e: bool
+) -> dict[str, Resolution]:
+    """slide_id -> resolution of its store in ``folder`` (``stores``: all slides of the
+    call, not one shard's); a usage error when no store that can be compared with the run's
+    resolution matches it: a cohort tiled otherwise is one error, not N failures. Stores
+    at another resolution among right ones fail their slide (:func:`_check_store_resolution`)."""
+    res = {sid: store_resolution(p) for sid, p in stores.items()}
+    compared = [c for r in res.values() if (c := r.compared(trained)) is not None]
+    if compared and not any(_close(got, want) for _, got, want in compared):
+        unit, want = compared[0][0], compared[0][2]
+        got = [g for u, g, _ in compared if u == unit]
+        raise DataError(
+            f"the stores in {folder} hold patches at {_describe(unit, got)}, the run {run} "
+            f"was trained at {_describe(unit, [want])}",
+            _resolution_fix(unit, want, e2e, own_work=True),
+        )
+    return res
+
+
 def read_run_splits(run: str | Path) -> dict[str, str]:
     """slide_id -> split the run trained/validated it in (``R/splits.csv``), if present."""
     p = Path(run) / "splits.csv"
@@ -512,6 +653,8 @@ def predict_slides(
     stores: dict[str, Path] = {}
     trained_ps: int | None = None  # e2e: the patch size the run was trained on, when known
     store_ps: dict[str, int] = {}  # e2e: slide_id -> patch size of its store
+    trained_res = Resolution.of_checkpoint(ck)  # unknown for checkpoints of earlier versions
+    store_res: dict[str, Resolution] = {}  # slide_id -> resolution of its store
     if e2e:
         from wsi_mil.train.e2e import E2EEncoder, patches_dir
 
@@ -523,6 +666,9 @@ def predict_slides(
         trained_ps = trained_patch_size(ck, run_cfg, run, cfg.work)
         if trained_ps is not None:
             store_ps = check_patch_sizes(entries, pdir, trained_ps, run)
+        if trained_res != Resolution():
+            all_stores = {e.slide_id: pdir / f"{e.slide_id}.zarr" for e in entries}
+            store_res = check_resolutions(all_stores, pdir, trained_res, run, e2e)
     else:
         fdir = features_folder(cfg, run_cfg, run)
         # decided over all slides, not this shard's: whether a shard stops must not depend
@@ -534,6 +680,9 @@ def predict_slides(
                 "pass the right --features DIR",
             )
         _check_folder_fits(model, found[0][1])  # a wrong folder: one error, not N failures
+        if trained_res != Resolution():
+            all_stores = {e.slide_id: p for e, p in found}
+            store_res = check_resolutions(all_stores, Path(fdir), trained_res, run, e2e)
         ours = {e.slide_id for e in mine}
         warn_missing_stores([m for m in missing if m in ours], len(mine), Path(fdir))
         stores = {e.slide_id: p for e, p in found if e.slide_id in ours}
@@ -584,13 +733,15 @@ def predict_slides(
 
     def score(entry: SlideEntry, out: Path) -> None:
         sid = entry.slide_id
-        if e2e and trained_ps is not None:  # before reuse: a file scored from them is no better
-            try:
+        try:  # before reuse: a file scored from a store of another tiling is no better
+            if e2e and trained_ps is not None:
                 _check_store_patch_size(stores[sid], store_ps.get(sid), trained_ps, run)
-            except DataError:
-                if cfg.attention:  # heatmap draws every file
-                    out.unlink(missing_ok=True)
-                raise
+            if sid in store_res:
+                _check_store_resolution(stores[sid], store_res[sid], trained_res, run, e2e)
+        except DataError:
+            if cfg.attention:  # heatmap draws every file
+                out.unlink(missing_ok=True)
+            raise
         inputs = inputs_of(entry)
         if cfg.attention:
             if not cfg.overwrite:
