@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -167,6 +168,9 @@ def test_cli_defaults_are_the_config_defaults(command, config_classes):
         ("--weight-decay", "-1", "--weight-decay -1.0 must be >= 0"),
         ("--beta1", "1.5", r"--beta1 1.5 is outside \[0, 1\)"),
         ("--beta2", "-0.1", r"--beta2 -0.1 is outside \[0, 1\)"),
+        ("--folds", "1", "--folds 1: k-fold cross-validation needs at least 2 folds"),
+        ("--patience", "-1", "--patience -1 must be >= 0"),
+        ("--min-delta", "-0.5", "--min-delta -0.5 must be >= 0"),
     ],
 )
 def test_out_of_range_optimiser_values_are_usage_errors(cli, tmp_path, opt, value, msg):
@@ -177,3 +181,24 @@ def test_out_of_range_optimiser_values_are_usage_errors(cli, tmp_path, opt, valu
     r = cli("train", "--slides", "s.csv", "--run", "r", opt, value, cwd=tmp_path)
     assert r.returncode == 2, r.stderr
     assert re.search(msg, r.stderr) and "Traceback" not in r.stderr, r.stderr
+
+
+def test_no_resume_on_the_command_line_beats_resume_in_a_config(cli, tmp_path):
+    """'resume: true' in a config could not be turned off by a flag (no --no-resume)."""
+    import h5py
+
+    (tmp_path / "s.csv").write_text("slide_id,path,label\na,a.tiff,1\nb,b.tiff,0\n")
+    (tmp_path / "F").mkdir()
+    for sid in "ab":
+        with h5py.File(tmp_path / "F" / f"{sid}.h5", "w") as f:
+            f["features"] = np.ones((5, 128), np.float32)
+            f["coords"] = np.arange(10).reshape(5, 2) * 224
+    (tmp_path / "c.yaml").write_text("train:\n  resume: true\n")
+    (tmp_path / "r" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "r" / "checkpoints" / "last.pt").write_text("not a checkpoint")
+    args = ("train", "--config", "c.yaml", "--slides", "s.csv", "--run", "r", "--features", "F")
+    resumed = cli(*args, cwd=tmp_path)  # tries to resume the broken last.pt
+    assert resumed.returncode == 2 and "not a PyTorch checkpoint" in resumed.stderr
+    assert "--overwrite" in resumed.stderr and "--checkpoint" not in resumed.stderr
+    fresh = cli(*args, "--no-resume", cwd=tmp_path)  # a fresh start: the run is in the way
+    assert fresh.returncode == 2 and "already holds a run" in fresh.stderr, fresh.stderr

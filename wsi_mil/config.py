@@ -240,6 +240,15 @@ class TrainConfig:
             if not (float(v) >= low and (high is None or float(v) < high)):
                 bound = f"must be >= {low}" if high is None else f"is outside [{low}, {high})"
                 raise ConfigError(f"{flag} {v} {bound}", f"e.g. {flag} {default[name]}")
+        if self.folds == 1 or self.folds < 0:
+            raise ConfigError(
+                f"--folds {self.folds}: k-fold cross-validation needs at least 2 folds",
+                "use --folds K with K >= 2, or --folds 0 (no cross-validation)",
+            )
+        for name in ("patience", "min_delta"):
+            v, flag = getattr(self, name), "--" + name.replace("_", "-")
+            if float(v) < 0:
+                raise ConfigError(f"{flag} {v} must be >= 0", f"e.g. {flag} {default[name]}")
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from wsi_mil.cli.common import config_option, progress_enabled, slide_inputs, wo
       R/checkpoints/best.pt       the best epoch by --early-stop
       R/metrics.csv               one row per epoch (train loss, val loss, val AUC ...)
       R/plots/training.png        loss and AUC curves
+      R/encoder.pt                e2e: the trained encoder (for extract --weights)
     \b
     Splits: --folds K (stratified k-fold, --fold I validates) > a 'split' column naming
     val slides > --val-frac (stratified random share). 'test' slides never train.
@@ -127,9 +129,11 @@ from wsi_mil.cli.common import config_option, progress_enabled, slide_inputs, wo
     help="Slides per optimizer step (gradients averaged; per rank under torchrun).",
 )
 @click.option(
-    "--resume",
-    is_flag=True,
-    help="Continue the run in --run from checkpoints/last.pt exactly (weights, optimiser, scheduler, RNG, epoch).",
+    "--resume/--no-resume",
+    default=False,
+    show_default=True,
+    help="Continue the run in --run from checkpoints/last.pt exactly (weights, optimiser, "
+    "scheduler, RNG, epoch); --no-resume overrides 'resume: true' in a config.",
 )
 @click.option(
     "--overwrite",
@@ -277,4 +281,5 @@ def command(slides_csv: str | None, slide_paths: tuple[str, ...], **kw: Any) -> 
     cfg = TrainConfig(model=model, **kw)
     entries = read_slide_table(slides_csv, slide_paths)
     run = train(cfg, entries, progress=progress_enabled())
-    click.echo(f"run folder: {run}", err=True)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, once
+        click.echo(f"run folder: {run}", err=True)

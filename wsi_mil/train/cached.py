@@ -26,6 +26,7 @@ from wsi_mil.mil.model import PositionalAttentionMIL, feature_stats
 from wsi_mil.slides.table import SlideEntry
 from wsi_mil.train import distributed as dist_
 from wsi_mil.train.loop import (
+    RESUME_FIX,
     Trainer,
     check_resumable,
     load_checkpoint_file,
@@ -94,9 +95,9 @@ RUN_OUTPUTS = (
 
 def resolve_run_flags(cfg: TrainConfig) -> TrainConfig:
     """``--overwrite`` wins over ``--resume``: a config may keep ``resume: true`` for
-    'wsi-mil run' to continue its run, and there is no flag to switch it off, so an
-    ``--overwrite`` given with it (on the command line, or in the config for one run) is
-    the deliberate choice."""
+    'wsi-mil run' to continue its run, so an ``--overwrite`` given with it (on the command
+    line, or in the config for one run) is the deliberate choice (``--no-resume`` switches
+    resuming off too)."""
     if cfg.resume and cfg.overwrite:
         if (Path(cfg.run) / "checkpoints" / "last.pt").exists():
             log.warning(
@@ -245,7 +246,8 @@ def check_resume_checkpoint(
     last = Path(cfg.run) / "checkpoints" / "last.pt"
     if not (cfg.resume and last.is_file()):
         return
-    check_resumable(load_checkpoint_file(last), last, cfg.epochs, train_ids, val_ids, inputs, kind)
+    ck = load_checkpoint_file(last, fix=RESUME_FIX)
+    check_resumable(ck, last, cfg.epochs, train_ids, val_ids, inputs, kind)
 
 
 #: feature-store attrs that say where things are, not what the features are

@@ -133,8 +133,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
-    """``torch.load(path, weights_only=True)`` with a clear error for missing or foreign files."""
+def load_checkpoint_file(path: str | Path, fix: str | None = None) -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)`` with a clear error for missing or foreign files
+    (``fix``: what the error tells the user to do; default: pick another --checkpoint)."""
     p = Path(path)
     if not p.is_file():
         raise StoreError(
@@ -148,7 +149,8 @@ def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
         why = torch_load_problem(p, e) or "it holds objects other than tensors and containers"
         raise StoreError(
             f"checkpoint {p} is not a PyTorch checkpoint written by 'wsi-mil train' ({why})",
-            "pass --checkpoint best, last or a R/checkpoints/<name>.pt of a 'wsi-mil train' run",
+            fix
+            or "pass --checkpoint best, last or a R/checkpoints/<name>.pt of a 'wsi-mil train' run",
         ) from None
     if not isinstance(ck, dict) or "model" not in ck:
         raise StoreError(f"{p} is not a wsi-mil checkpoint (no 'model' entry)")
@@ -479,7 +481,7 @@ class Trainer:
         if not last.is_file():
             log.info("--resume: no %s yet, starting from epoch 1", last)
             return
-        ck = load_checkpoint_file(last)
+        ck = load_checkpoint_file(last, fix=RESUME_FIX)
         check_resumable(
             ck,
             last,
