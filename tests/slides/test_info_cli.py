@@ -47,12 +47,50 @@ def test_info_json(cli, good, kind, backend, mpp, levels, tile):
     assert d["tile_grid"][0] == tile
 
 
-def test_info_backend_and_mpp_override(cli, good):
-    r = cli("info", "--json", "--backend", "openslide", "--mpp", "0.3", str(good["tif"]))
+def test_info_backend_and_slide_mpp_override(cli, good):
+    r = cli("info", "--json", "--backend", "openslide", "--slide-mpp", "0.3", str(good["tif"]))
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     assert d["backend"] == "openslide" and d["vendor"] == "generic-tiff"
     assert d["mpp"] == 0.3 and d["native_mpp"] == pytest.approx(0.5)
+    r = cli("info", "--slide-mpp", "0.3", str(good["tif"]))
+    assert "0.3 µm/px (override; file says 0.5)" in r.stdout, r.stderr
+    r = cli("info", str(good["jpg"]))
+    assert "unknown (pass --slide-mpp to set it)" in r.stdout, r.stderr
+    r = cli("info", "--slide-mpp", "0", str(good["tif"]))
+    assert r.returncode == 2 and "--slide-mpp must be > 0" in r.stderr
+
+
+def _info_mpp(cli, tmp_path, config: str, *args: str) -> float:
+    (tmp_path / "c.yaml").write_text(config)
+    r = cli("info", "--json", "--config", str(tmp_path / "c.yaml"), *args)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)["mpp"]
+
+
+def test_info_config_mpp_is_tiles_target_and_slide_mpp_the_override(cli, good, tmp_path):
+    """--mpp is tile's target resolution; a config shared with tile (top-level mpp: 1.0)
+    made info report the slide as 1 µm/px. info's override is --slide-mpp, like tile's."""
+    tif = str(good["tif"])
+    assert _info_mpp(cli, tmp_path, "mpp: 1.0\n", tif) == pytest.approx(0.5)
+    assert _info_mpp(cli, tmp_path, "slide-mpp: 0.3\n", tif) == 0.3
+    assert _info_mpp(cli, tmp_path, "mpp: 1.0\nslide_mpp: 0.3\n", tif) == 0.3
+    assert _info_mpp(cli, tmp_path, "info:\n  slide-mpp: 0.3\n", tif) == 0.3
+    assert _info_mpp(cli, tmp_path, "slide-mpp: 0.3\n", "--slide-mpp", "0.2", tif) == 0.2
+    # info has no --mpp option for a config key to set
+    (tmp_path / "c.yaml").write_text("info:\n  mpp: 1.0\n")
+    r = cli("info", "--config", str(tmp_path / "c.yaml"), tif)
+    assert r.returncode == 2 and "unknown option(s) for 'info': mpp" in r.stderr
+
+
+def test_info_old_mpp_flag_still_works_with_a_warning(cli, good):
+    for args in (["--mpp", "0.3"], ["--mpp=0.3"]):
+        r = cli("info", "--json", *args, str(good["tif"]))
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["mpp"] == 0.3
+        assert "use --slide-mpp" in r.stderr
+    r = cli("info", "--help")
+    assert "--slide-mpp" in r.stdout and "--mpp" not in r.stdout.replace("--slide-mpp", "")
 
 
 def test_info_backend_that_cannot_read(cli, good):

@@ -87,3 +87,67 @@ def test_unusual_but_valid_slide_ids(tmp_path):
     csv = tmp_path / "t.csv"
     csv.write_text("slide_id,path\nok id,a.tiff\nü-1,b.tiff\nx..y,c.tiff\n")
     assert [e.slide_id for e in read_slide_table(csv)] == ["ok id", "ü-1", "x..y"]
+
+
+TWO_COLUMN_ROWS = "a.tiff,1\nsub/b.svs,0\nc.ome.zarr,\n"
+
+
+@pytest.mark.parametrize("header", ["filename,label", "id,file", "image,label", "Path , Class"])
+def test_two_column_table_with_or_without_a_header_gives_the_same_entries(tmp_path, header):
+    """A header row of any names over filename,label rows was read as a slide whose label
+    'label' is not 0 or 1; it is skipped, as '--slides' help and the error hints promise."""
+    (tmp_path / "plain.csv").write_text(TWO_COLUMN_ROWS)
+    (tmp_path / "headed.csv").write_text(f"{header}\n{TWO_COLUMN_ROWS}")
+    plain = read_slide_table(tmp_path / "plain.csv")
+    assert read_slide_table(tmp_path / "headed.csv") == plain
+    assert plain == [
+        SlideEntry("a", tmp_path / "a.tiff", 1),
+        SlideEntry("b", tmp_path / "sub" / "b.svs", 0),
+        SlideEntry("c", tmp_path / "c.ome.zarr", None),
+    ]
+
+
+@pytest.mark.parametrize(
+    "body,msg",
+    [
+        # header row 1, slides on rows 2-3: the bad label is on row 3
+        ("filename,label\na.tiff,1\nb.tiff,2\n", "row 3: label '2' is not 0 or 1"),
+        ("id,file\na.tiff,yes\nb.tiff,0\n", "row 2: label 'yes' is not 0 or 1"),
+        # no header: data row i is file row i + 1
+        ("a.tiff,1\nb.tiff,2\n", "row 2: label '2' is not 0 or 1"),
+        ("a.tiff,1\n,0\n", "row 2: empty slide_id"),
+        # a first slide with a bad label is reported, not dropped as a header
+        ("a.tiff,yes\nb.tiff,1\n", "row 1: label 'yes' is not 0 or 1"),
+        ("name,2\nb.tiff,1\n", "row 1: label '2' is not 0 or 1"),
+    ],
+)
+def test_two_column_errors_name_the_file_row(tmp_path, body, msg):
+    csv = tmp_path / "t.csv"
+    csv.write_text(body)
+    with pytest.raises(ConfigError, match=msg):
+        read_slide_table(csv)
+
+
+def test_two_column_header_without_slides_says_how_a_header_is_read(tmp_path):
+    csv = tmp_path / "t.csv"
+    csv.write_text("filename,label\n")
+    with pytest.raises(ConfigError, match="row 1: label 'label'") as e:
+        read_slide_table(csv)
+    assert "read as a header when a row under it" in e.value.hint
+
+
+def test_tile_reads_a_two_column_table_with_a_header(cli, tmp_path):
+    """The reported case through the real CLI: 'filename,label' over one slide row."""
+    from slide_factory import make_image, test_image
+
+    make_image(tmp_path / "synth_000.png", test_image(128, 128, seed=2))
+    (tmp_path / "t.csv").write_text("filename,label\nsynth_000.png,1\n")
+    args = ("tile", "--slides", "t.csv", "-w", "W", "--patch-size", "64", "--tissue", "none")
+    r = cli("-q", *args, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "W" / "patches" / "synth_000.zarr").is_dir()
+    (tmp_path / "t.csv").write_text("filename,label\nsynth_000.png,1\nx.png,2\n")
+    r = cli(*args, cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "t.csv row 3: label '2' is not 0 or 1" in r.stderr

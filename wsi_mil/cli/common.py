@@ -165,7 +165,9 @@ def slide_inputs(f: F) -> F:
         "--slides",
         "slides_csv",
         type=click.Path(dir_okay=False),
-        help="Slide table CSV: slide_id,path[,label][,split] (or the seed's filename,label).",
+        help="Slide table CSV: a header row slide_id,path[,label][,split], or two columns "
+        "filename,label with or without a header row (label 0, 1 or empty). Relative paths "
+        "are relative to the CSV's folder.",
     )(f)
     return f
 

@@ -22,7 +22,7 @@ def format_info(info: dict) -> str:
     """Human-readable table of :func:`slide_info`'s result."""
     mpp, native = info.get("mpp"), info.get("native_mpp")
     if mpp is None:
-        mpp_s = "unknown (pass --mpp to set it)"
+        mpp_s = "unknown (pass --slide-mpp to set it)"
     elif native is None or abs(mpp - native) > 1e-12:
         mpp_s = (
             f"{mpp:.6g} µm/px (override; file says {native if native is not None else 'nothing'})"

@@ -13,6 +13,13 @@ from wsi_mil.errors import ConfigError
 
 SPLITS = ("train", "val", "test")
 
+#: what a slide table may look like (error hints and ``--slides`` help say the same)
+TABLE_FORMS = (
+    "a header row 'slide_id,path[,label][,split]', or two columns 'filename,label' "
+    "with or without a header row (label 0, 1 or empty)"
+)
+LABEL_HINT = "labels must be binary (0/1); leave empty for unlabelled slides"
+
 
 @dataclass(frozen=True)
 class SlideEntry:
@@ -75,7 +82,7 @@ def read_slide_table(
     if not entries and csv is not None:
         raise ConfigError(
             f"slide table {csv} has no rows",
-            "add one row per slide under the header: slide_id,path[,label][,split]",
+            f"add one row per slide under the header; a slide table has {TABLE_FORMS}",
         )
     if not entries:
         raise ConfigError("no slides given", "pass --slides CSV or slide paths/globs as arguments")
@@ -99,58 +106,98 @@ def _read_csv(csv: Path) -> list[SlideEntry]:
         df = pd.read_csv(csv, dtype=str, keep_default_na=False)
     except pd.errors.EmptyDataError:
         raise ConfigError(
-            f"slide table {csv} is empty",
-            "write a header and one row per slide: slide_id,path[,label][,split]",
+            f"slide table {csv} is empty", f"write one row per slide: {TABLE_FORMS}"
         ) from None
     except Exception as e:  # noqa: BLE001
         raise ConfigError(
-            f"cannot read slide table {csv}: {e}",
-            "it must be a CSV with columns slide_id,path[,label][,split]",
+            f"cannot read slide table {csv}: {e}", f"it must be a CSV with {TABLE_FORMS}"
         ) from None
     cols = [c.strip().lower() for c in df.columns]
+    header_rows = 1  # file row of data row i: i + 1 + header_rows
     if "slide_id" not in cols:
-        # The seed's labels.csv: "filename,label" with no header.
+        # Two columns filename,label: the seed's labels.csv (no header) or the same with a
+        # header row of column names (see _is_two_column_header).
         df = pd.read_csv(csv, dtype=str, keep_default_na=False, header=None)
         if df.shape[1] != 2:
             raise ConfigError(
-                f"{csv}: no 'slide_id' column",
-                "use a header 'slide_id,path[,label][,split]' or the seed's two-column 'filename,label'",
+                f"{csv}: no 'slide_id' column and {df.shape[1]} column(s), not 2",
+                f"use {TABLE_FORMS}",
             )
         df.columns = ["path", "label"]
+        header_rows = 0
+        if _is_two_column_header(list(df["path"]), list(df["label"])):
+            df = df.iloc[1:].reset_index(drop=True)
+            header_rows = 1
         df["slide_id"] = [slide_id_from_path(p) for p in df["path"]]
     else:
         df.columns = cols
     out = []
-    for i, row in df.iterrows():
+    for i, (_, row) in enumerate(df.iterrows()):
+        row_no = i + 1 + header_rows
         sid = str(row["slide_id"]).strip()
         if not sid:
-            raise ConfigError(f"{csv} row {i + 2}: empty slide_id")
+            raise ConfigError(
+                f"{csv} row {row_no}: empty slide_id", "give every row a slide_id (or a path)"
+            )
         p = str(row.get("path", "") or "").strip()
         path = None if not p else (Path(p) if Path(p).is_absolute() else base / p)
-        label = _parse_label(row.get("label", ""), csv, i)
+        hint = LABEL_HINT
+        if row_no == 1 and not Path(p).suffix:  # headerless filename,label: a header?
+            hint += (
+                "; a first row of column names (e.g. 'filename,label') is read as a header "
+                "when a row under it has a 0, 1 or empty label"
+            )
+        label = _parse_label(row.get("label", ""), csv, row_no, hint)
         split = str(row.get("split", "") or "").strip().lower() or None
         if split is not None and split not in SPLITS:
             raise ConfigError(
-                f"{csv} row {i + 2}: split {split!r} is not one of {', '.join(SPLITS)}"
+                f"{csv} row {row_no}: split {split!r} is not one of {', '.join(SPLITS)}",
+                f"use one of {', '.join(SPLITS)}, or leave it empty",
             )
         out.append(SlideEntry(sid, path, label, split))
     return out
 
 
-def _parse_label(v: object, csv: Path, i: int) -> int | None:
+#: :func:`_label_value` of a value that is not a label
+_BAD = object()
+
+
+def _is_two_column_header(names: list[str], labels: list[str]) -> bool:
+    """Whether the first row of a two-column ``filename,label`` table is a header: its
+    second value is neither a label (0, 1, empty) nor a number (a bad label), its first is
+    no file name (no suffix such as ``.svs``), and a row under it has a label (else a first
+    slide with a mistyped label would be dropped silently)."""
+    if not labels or _label_value(labels[0]) is not _BAD:
+        return False
+    try:
+        float(str(labels[0]).strip())
+        return False  # a number: a bad label ("2", "0.5"), not a column name
+    except ValueError:
+        pass
+    if Path(str(names[0]).strip()).suffix:
+        return False  # a slide's file ("a.svs"), not a column name
+    return any(_label_value(v) is not _BAD for v in labels[1:])
+
+
+def _label_value(v: object) -> object:
+    """0, 1 or None (empty) for a label value, else ``_BAD``."""
     s = str(v if v is not None else "").strip()
     if s == "":
         return None
     try:
         f = float(s)
     except ValueError:
-        f = float("nan")
-    if f not in (0.0, 1.0):
-        raise ConfigError(
-            f"{csv} row {i + 2}: label {s!r} is not 0 or 1",
-            "labels must be binary (0/1); leave empty for unlabelled slides",
-        )
-    return int(f)
+        return _BAD
+    return int(f) if f in (0.0, 1.0) else _BAD
+
+
+def _parse_label(v: object, csv: Path, row_no: int, hint: str = LABEL_HINT) -> int | None:
+    """The label of file row ``row_no`` (1-based, header included): 0, 1 or None (empty)."""
+    value = _label_value(v)
+    if value is _BAD:
+        s = str(v if v is not None else "").strip()
+        raise ConfigError(f"{csv} row {row_no}: label {s!r} is not 0 or 1", hint)
+    return value  # type: ignore[return-value]
 
 
 def write_slide_table(entries: list[SlideEntry], csv: str | os.PathLike) -> None:
