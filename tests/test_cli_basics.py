@@ -62,6 +62,8 @@ def test_config_keys_map_to_options(tmp_path):
 def test_global_options_also_work_after_the_command(cli, tmp_path):
     (tmp_path / "s.csv").write_text("slide_id,path\na,a.tiff\n")
     (tmp_path / "junk.pt").write_text("hi\n")
+    # an (unreadable) store: extract gets to the slide, which fails (exit 1)
+    (tmp_path / "work" / "patches" / "a.zarr").mkdir(parents=True)
     base = ("extract", "--slides", "s.csv", "--device", "cpu")
     plain = cli(*base, cwd=tmp_path)
     assert plain.returncode == 1 and "INFO: extract: 1 slides" in plain.stderr, plain.stderr
@@ -95,6 +97,8 @@ def test_quiet_from_a_config_counts_once_under_run(cli, tmp_path):
     warning = "WARNING: encoder resnet-patch-cnn has no --weights"
     cfg = tmp_path / "c.yaml"
     cfg.write_text("slides: s.csv\ndevice: cpu\nquiet: 1\n")
+    # an (unreadable) store: extract gets to the slide, which fails (exit 1)
+    (tmp_path / "work" / "patches" / "a.zarr").mkdir(parents=True)
     alone = cli("extract", "--config", "c.yaml", cwd=tmp_path)
     under_run = cli("run", "--config", "c.yaml", "--stages", "extract", cwd=tmp_path)
     for r in (alone, under_run):

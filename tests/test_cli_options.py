@@ -43,6 +43,8 @@ def test_extract_takes_cuda_n_and_a_shared_top_level_norm(cli, tmp_path):
     # a config shared with train: top-level norm: frozen-bn is extract's bn (same features)
     cfg = tmp_path / "c.yaml"
     cfg.write_text("slides: s.csv\nnorm: frozen-bn\ndevice: cpu\ntrain:\n  mode: e2e\n")
+    # an (unreadable) store: extract gets to the slide, which fails (exit 1)
+    (tmp_path / "work" / "patches" / "a.zarr").mkdir(parents=True)
     shared = cli("extract", "--config", "c.yaml", cwd=tmp_path)
     assert shared.returncode == 1, shared.stderr  # gets to the slide: no patch store (tile first)
     plain = cli("extract", "--slides", "s.csv", "--device", "cpu", "--norm", "bn", cwd=tmp_path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import datetime as _dt
+import errno
 import fcntl
 import hashlib
 import json
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from wsi_mil.errors import ConfigError, WsiMilError
+from wsi_mil.errors import ConfigError, WsiMilError, cannot_write, output_hint, path_error
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -131,6 +132,41 @@ def params_digest(params: dict[str, Any]) -> str:
     """Stable short hash of a JSON-able parameter dict (order-independent)."""
     blob = json.dumps(params, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- output folders
+def make_output_dir(path: str | os.PathLike, option: str) -> Path:
+    """``mkdir -p path``, checked writable: a stage makes its output folder up front, so a
+    path that cannot be a folder is one ConfigError naming it and ``option`` (the option
+    that chose it, e.g. ``--work``), not an error per slide or an internal error."""
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        err = path_error(e, output_hint(option))
+        if err is None:
+            raise
+        raise err from e
+    if not os.access(p, os.W_OK | os.X_OK):  # made by someone else, or read-only
+        try:
+            read_only = bool(os.statvfs(p).f_flag & os.ST_RDONLY)
+        except OSError:
+            read_only = False
+        reason = os.strerror(errno.EROFS if read_only else errno.EACCES)
+        raise cannot_write(p, reason, output_hint(option))
+    return p
+
+
+def check_output_dir(path: str | os.PathLike, option: str) -> None:
+    """ConfigError if a file stands where folder ``path`` (or one of its parents) should
+    be; creates nothing. Permissions are left to :func:`make_output_dir`: a folder that is
+    only written to on a failure (``W/failures.csv``) may well be read-only."""
+    p = Path(path)
+    blocker = next((q for q in (p, *p.parents) if os.path.lexists(q)), None)
+    if blocker is None or not os.path.exists(blocker) or blocker.is_dir():
+        return
+    reason = os.strerror(errno.EEXIST if blocker == p else errno.ENOTDIR)
+    raise cannot_write(p, reason, output_hint(option))
 
 
 # ---------------------------------------------------------------- atomic outputs

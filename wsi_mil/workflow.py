@@ -24,7 +24,7 @@ from typing import Any
 import click
 
 from wsi_mil.config import load_config_file, load_full_config
-from wsi_mil.errors import ConfigError, WsiMilError
+from wsi_mil.errors import OUTPUT_PATHS, ConfigError, WsiMilError, output_hint, path_error
 
 log = logging.getLogger(__name__)
 
@@ -307,6 +307,10 @@ def invoke_stage(
     except Exception as e:  # noqa: BLE001 - report like the console script, then stop the run
         if debug:
             traceback.print_exc()
+        err = path_error(e, output_hint(OUTPUT_PATHS.get(stage)))
+        if err is not None:  # an output folder that cannot be made or written: bad input
+            click.echo(f"error: {err}", err=True)
+            return err.exit_code
         click.echo(
             f"internal error in '{stage}': {type(e).__name__}: {e} (rerun with --debug for the traceback)",
             err=True,

@@ -10,7 +10,7 @@ import click
 
 from wsi_mil import __version__
 from wsi_mil.cli.common import debug_requested, global_options, setup_logging
-from wsi_mil.errors import WsiMilError
+from wsi_mil.errors import OUTPUT_PATHS, WsiMilError, output_hint, path_error
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -80,6 +80,12 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:  # noqa: BLE001
         if debug or debug_requested():
             traceback.print_exc()
+        # an output folder that cannot be made or written is bad input, not a bug
+        command = next((a for a in args if a in cli.commands), None)
+        err = path_error(e, output_hint(OUTPUT_PATHS.get(command or "")))
+        if err is not None:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(err.exit_code)
         logging.getLogger("wsi_mil").debug("unhandled", exc_info=True)
         click.echo(
             f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback and report it)",

@@ -34,6 +34,8 @@ from wsi_mil.batch import (
     SlideWarning,
     atomic_path,
     available_cpus,
+    check_output_dir,
+    make_output_dir,
     output_lock,
     params_digest,
     remove_stale_tmps,
@@ -473,7 +475,7 @@ def write_encoder_json(out_dir: Path, info: EncoderInfo, cfg: ExtractConfig) -> 
 
     Refuses a folder that already belongs to another encoder tag.
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out_dir, "--features" if cfg.features else "--work")
     ej = out_dir / "encoder.json"
     if ej.exists():
         try:
@@ -492,6 +494,23 @@ def write_encoder_json(out_dir: Path, info: EncoderInfo, cfg: ExtractConfig) -> 
 
 
 # ---------------------------------------------------------------- batch entry point
+def check_patch_stores(entries: Sequence[Any], patches_dir: Path, option: str) -> None:
+    """StoreError when no slide of ``entries`` has a patch store in ``patches_dir``: a wrong
+    folder or tile not run yet, one error instead of a failure per slide. Decided over all
+    slides, not one shard's: whether a shard stops must not depend on how ids fall."""
+    if not entries or any((patches_dir / f"{e.slide_id}.zarr").exists() for e in entries):
+        return
+    what = (
+        f"slide {entries[0].slide_id} has no patch store"
+        if len(entries) == 1
+        else f"none of the {len(entries)} slides has a patch store"
+    )
+    raise StoreError(
+        f"{what} in {patches_dir}",
+        f"run 'wsi-mil tile' first, or check the {option} folder",
+    )
+
+
 def extract_slides(
     cfg: ExtractConfig,
     entries: Sequence[Any],
@@ -518,6 +537,8 @@ def extract_slides(
     patches_dir = Path(cfg.patches) if cfg.patches else work / "patches"
     model = build_encoder(cfg)
     info: EncoderInfo = model.info  # type: ignore[assignment]
+    check_output_dir(work, "--work")  # W/failures.csv
+    check_patch_stores(entries, patches_dir, "--patches" if cfg.patches else "--work")
     if not info.trained:
         log.warning(
             "encoder %s has no --weights: features come from a randomly initialised CNN (seed %s). "

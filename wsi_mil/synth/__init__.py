@@ -15,7 +15,7 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from wsi_mil.batch import atomic_path, available_cpus, process_pool, stop_pool
+from wsi_mil.batch import atomic_path, available_cpus, make_output_dir, process_pool, stop_pool
 from wsi_mil.config import SynthConfig, save_resolved
 from wsi_mil.slides.table import SlideEntry, write_slide_table
 from wsi_mil.synth.markers import assign_splits, build_specs
@@ -101,7 +101,7 @@ def generate(cfg: SynthConfig, progress: bool = False) -> list[SlideEntry]:
     out = Path(cfg.out)
     specs = build_specs(cfg)
     splits = assign_splits([s.label for s in specs], parse_splits(cfg.splits), cfg.seed)
-    out.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out, "OUT folder")
     earlier = _earlier_slides(out)
     ext = EXTENSIONS[cfg.format]
     entries: list[SlideEntry] = []

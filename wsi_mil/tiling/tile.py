@@ -29,6 +29,7 @@ from wsi_mil.batch import (
     atomic_path,
     available_cpus,
     file_fingerprint,
+    make_output_dir,
     output_lock,
     params_digest,
     pool_workers,
@@ -178,8 +179,7 @@ def tile_slides(
     """
     validate_config(cfg)
     work = Path(cfg.work)
-    out = patches_dir(work)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_output_dir(patches_dir(work), "--work")
     save_resolved(cfg, out / "config.yaml")
     items = shard_items(list(entries), shard, key=lambda e: e.slide_id)
     with contextlib.ExitStack() as stack:

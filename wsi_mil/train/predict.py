@@ -45,6 +45,7 @@ from wsi_mil.batch import (
     SlideWarning,
     atomic_path,
     file_fingerprint,
+    make_output_dir,
     output_lock,
     remove_stale_tmps,
     run_per_slide,
@@ -797,6 +798,8 @@ def predict_slides(
             )
         probs[sid] = prob
 
+    # made once here: an --out-dir that cannot be a folder is one error, not one per slide
+    make_output_dir(out_dir, "--out-dir" if cfg.out_dir else "--run")
     log.info("predict: %d slides (shard %d/%d) with %s", len(mine), shard[0], shard[1], ck_path)
     batch = run_per_slide(
         "predict",
