@@ -36,6 +36,16 @@ def test_seed_labels_csv(tmp_path):
         ("slide_id,path,split\na,a.tif,holdout\n", "split"),
         ("slide_id,path\na,a.tif\na,b.tif\n", "appears twice"),
         ("x,y,z\n1,2,3\n", "slide_id"),
+        # two columns: errors name the file's row
+        # header row 1, slides on rows 2-3: the bad label is on row 3
+        ("filename,label\na.tiff,1\nb.tiff,2\n", "row 3: label '2' is not 0 or 1"),
+        ("id,file\na.tiff,yes\nb.tiff,0\n", "row 2: label 'yes' is not 0 or 1"),
+        # no header: data row i is file row i + 1
+        ("a.tiff,1\nb.tiff,2\n", "row 2: label '2' is not 0 or 1"),
+        ("a.tiff,1\n,0\n", "row 2: empty slide_id"),
+        # a first slide with a bad label is reported, not dropped as a header
+        ("a.tiff,yes\nb.tiff,1\n", "row 1: label 'yes' is not 0 or 1"),
+        ("name,2\nb.tiff,1\n", "row 1: label '2' is not 0 or 1"),
     ],
 )
 def test_bad_tables(tmp_path, body, msg):
@@ -105,27 +115,6 @@ def test_two_column_table_with_or_without_a_header_gives_the_same_entries(tmp_pa
         SlideEntry("b", tmp_path / "sub" / "b.svs", 0),
         SlideEntry("c", tmp_path / "c.ome.zarr", None),
     ]
-
-
-@pytest.mark.parametrize(
-    "body,msg",
-    [
-        # header row 1, slides on rows 2-3: the bad label is on row 3
-        ("filename,label\na.tiff,1\nb.tiff,2\n", "row 3: label '2' is not 0 or 1"),
-        ("id,file\na.tiff,yes\nb.tiff,0\n", "row 2: label 'yes' is not 0 or 1"),
-        # no header: data row i is file row i + 1
-        ("a.tiff,1\nb.tiff,2\n", "row 2: label '2' is not 0 or 1"),
-        ("a.tiff,1\n,0\n", "row 2: empty slide_id"),
-        # a first slide with a bad label is reported, not dropped as a header
-        ("a.tiff,yes\nb.tiff,1\n", "row 1: label 'yes' is not 0 or 1"),
-        ("name,2\nb.tiff,1\n", "row 1: label '2' is not 0 or 1"),
-    ],
-)
-def test_two_column_errors_name_the_file_row(tmp_path, body, msg):
-    csv = tmp_path / "t.csv"
-    csv.write_text(body)
-    with pytest.raises(ConfigError, match=msg):
-        read_slide_table(csv)
 
 
 def test_two_column_header_without_slides_says_how_a_header_is_read(tmp_path):
