@@ -235,7 +235,7 @@ class StageRun:
 
     stage: str
     exit_code: int
-    seconds: float
+    seconds: float | None  # None: not run (synth found its slides current)
     outputs: str
     up_to_date: bool = False  # a per-slide stage that found every output current
 
@@ -244,9 +244,8 @@ class StageRun:
         s = status.get(self.exit_code, f"failed (exit {self.exit_code})")
         if self.exit_code == 0 and self.up_to_date:
             s = "up to date"
-        return (
-            f"[run] {self.stage:<8} {s:<{STATUS_WIDTH}}  {self.seconds:7.1f} s  -> {self.outputs}"
-        )
+        took = " " * 9 if self.seconds is None else f"{self.seconds:7.1f} s"
+        return f"[run] {self.stage:<8} {s:<{STATUS_WIDTH}}  {took}  -> {self.outputs}"
 
 
 def stage_args(
@@ -338,9 +337,7 @@ def run_pipeline(
     final = 0
     for stage in plan:
         if stage == "synth" and synth_up_to_date(config_path):
-            pad = " " * (2 + 7 + 4)  # where StageRun.line has its seconds
-            status = f"{'up to date':<{STATUS_WIDTH}}"
-            echo(f"[run] {'synth':<8} {status}{pad}-> {stage_output('synth', config_path)}")
+            echo(StageRun("synth", 0, None, stage_output("synth", config_path), True).line())
             continue
         take_last_batch()  # clear the previous stage's
         t0 = time.perf_counter()

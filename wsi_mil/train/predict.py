@@ -285,10 +285,10 @@ def _store_root_attrs(store: Path) -> dict[str, Any] | None:
     return attrs if isinstance(attrs, dict) else None
 
 
-def _patch_size(store: Path) -> int | None:
-    """A patch store's ``patch_size`` attr (None: unreadable)."""
+def _patch_size(attrs: Mapping[str, Any]) -> int | None:
+    """A patch store's ``patch_size`` attr, from its root ``attrs`` (None: unknown)."""
     try:
-        return int((_store_root_attrs(store) or {})["patch_size"])
+        return int(attrs["patch_size"])
     except (KeyError, TypeError, ValueError):
         return None
 
@@ -303,17 +303,14 @@ def _check_store_patch_size(store: Path, size: int | None, trained: int, run: Pa
 
 
 def check_patch_sizes(
-    entries: Sequence[SlideEntry], folder: Path, trained: int, run: Path
+    attrs: Mapping[str, Mapping[str, Any]], folder: Path, trained: int, run: Path
 ) -> dict[str, int]:
-    """e2e: slide_id -> patch size of its store in ``folder`` (where readable); a usage error
-    when no patch store of the call (all slides, not one shard's) has the run's patch size:
-    a work folder tiled otherwise is one error, not N failures. Stores of another size among
-    right ones fail their slide (:func:`_check_store_patch_size`)."""
-    sizes = {
-        e.slide_id: s
-        for e in entries
-        if (s := _patch_size(folder / f"{e.slide_id}.zarr")) is not None
-    }
+    """e2e: slide_id -> patch size of its store in ``folder`` (``attrs``: slide_id -> the
+    store's root attrs, every slide of the call, not one shard's); a usage error when no
+    store has the run's patch size: a work folder tiled otherwise is one error, not N
+    failures. Stores of another size among right ones fail their slide
+    (:func:`_check_store_patch_size`)."""
+    sizes = {sid: s for sid, a in attrs.items() if (s := _patch_size(a)) is not None}
     if sizes and trained not in sizes.values():
         raise DataError(
             f"the patch stores in {folder} hold {'/'.join(map(str, sorted(set(sizes.values()))))} "
@@ -445,13 +442,12 @@ def _check_store_resolution(
 
 
 def check_resolutions(
-    stores: Mapping[str, Path], folder: Path, trained: Resolution, run: Path, e2e: bool
+    res: Mapping[str, Resolution], folder: Path, trained: Resolution, run: Path, e2e: bool
 ) -> dict[str, Resolution]:
-    """slide_id -> resolution of its store in ``folder`` (``stores``: all slides of the
-    call, not one shard's); a usage error when no store that can be compared with the run's
-    resolution matches it: a cohort tiled otherwise is one error, not N failures. Stores
+    """``res`` (slide_id -> resolution of its store in ``folder``, all slides of the call,
+    not one shard's) when some store that can be compared with the run's resolution matches
+    it, else a usage error: a cohort tiled otherwise is one error, not N failures. Stores
     at another resolution among right ones fail their slide (:func:`_check_store_resolution`)."""
-    res = {sid: store_resolution(p) for sid, p in stores.items()}
     compared = [c for r in res.values() if (c := r.compared(trained)) is not None]
     if compared and not any(_close(got, want) for _, got, want in compared):
         unit, want = compared[0][0], compared[0][2]
@@ -461,7 +457,7 @@ def check_resolutions(
             f"was trained at {_describe(unit, [want])}",
             _resolution_fix(unit, want, e2e, own_work=True),
         )
-    return res
+    return dict(res)
 
 
 def read_run_splits(run: str | Path) -> dict[str, str]:
@@ -665,11 +661,16 @@ def predict_slides(
             stores[e.slide_id] = pdir / f"{e.slide_id}.zarr"
         # e2e training refuses patch stores of mixed sizes; the encoder would score any size
         trained_ps = trained_patch_size(ck, run_cfg, run, cfg.work)
-        if trained_ps is not None:
-            store_ps = check_patch_sizes(entries, pdir, trained_ps, run)
-        if trained_res != Resolution():
-            all_stores = {e.slide_id: pdir / f"{e.slide_id}.zarr" for e in entries}
-            store_res = check_resolutions(all_stores, pdir, trained_res, run, e2e)
+        if trained_ps is not None or trained_res != Resolution():
+            # every slide's root attrs, read once for both checks
+            attrs = {
+                e.slide_id: _store_root_attrs(pdir / f"{e.slide_id}.zarr") or {} for e in entries
+            }
+            if trained_ps is not None:
+                store_ps = check_patch_sizes(attrs, pdir, trained_ps, run)
+            if trained_res != Resolution():
+                res = {sid: Resolution.of_attrs(a) for sid, a in attrs.items()}
+                store_res = check_resolutions(res, pdir, trained_res, run, e2e)
     else:
         fdir = features_folder(cfg, run_cfg, run)
         # decided over all slides, not this shard's: whether a shard stops must not depend
@@ -682,8 +683,8 @@ def predict_slides(
             )
         _check_folder_fits(model, found[0][1])  # a wrong folder: one error, not N failures
         if trained_res != Resolution():
-            all_stores = {e.slide_id: p for e, p in found}
-            store_res = check_resolutions(all_stores, Path(fdir), trained_res, run, e2e)
+            res = {e.slide_id: store_resolution(p) for e, p in found}
+            store_res = check_resolutions(res, Path(fdir), trained_res, run, e2e)
         ours = {e.slide_id for e in mine}
         warn_missing_stores([m for m in missing if m in ours], len(mine), Path(fdir))
         stores = {e.slide_id: p for e, p in found if e.slide_id in ours}
