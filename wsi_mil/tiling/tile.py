@@ -47,6 +47,7 @@ from wsi_mil.tiling.patch_store import (
     PatchStoreWriter,
     aligned_empty,
 )
+from wsi_mil.tiling.qc import QC_MAX_PX, qc_image
 from wsi_mil.tiling.read import iter_patch_chunks
 from wsi_mil.tiling.tissue import (
     TISSUE_METHODS,
@@ -65,8 +66,6 @@ TILING_VERSION = 1
 TISSUE_SCORES = 2
 #: patches per zarr chunk of ``pixels`` (each written as one file, in parallel)
 CHUNK_PATCHES = 64
-#: longest side of the QC PNG in ``W/masks/`` (px)
-QC_MAX_PX = 1024
 
 
 def patches_dir(work: str | Path) -> Path:
@@ -506,42 +505,14 @@ def write_mask_png(
     choice: LevelChoice,
     level0_per_thumb_px: tuple[float, float],
 ) -> None:
-    """QC image: thumbnail, tissue tinted green, outlines of kept patches in blue (atomic write).
-
-    Drawn at most :data:`QC_MAX_PX` a side (the thumbnail box-reduced by an integer factor):
-    enough to judge the mask, and a fraction of the PNG size and time of the full thumbnail.
-    """
-    from PIL import Image, ImageDraw
-
-    f = -(-max(thumb.shape[:2]) // QC_MAX_PX)
-    if f > 1:
-        thumb = np.asarray(Image.fromarray(thumb).reduce(f))
-        mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).reduce(f)) >= 128
-        sx, sy = level0_per_thumb_px
-        level0_per_thumb_px = (sx * f, sy * f)
-    tinted = thumb.astype(np.uint16) * 7
-    tinted[..., 1] += 600
-    tinted //= 10  # 70 % thumbnail + 30 % green
-    im = Image.fromarray(np.where(mask[..., None], tinted.astype(np.uint8), thumb))
-    draw = ImageDraw.Draw(im)
-    sx, sy = level0_per_thumb_px
-    pw, ph = choice.patch_px_level0 / sx, choice.patch_px_level0 / sy
-    if pw >= 3 and ph >= 3:
-        for x, y in np.asarray(level0_xy, np.float64):
-            draw.rectangle(
-                [x / sx, y / sy, x / sx + pw - 1, y / sy + ph - 1], outline=(30, 60, 220)
-            )
-    else:  # patches too small to outline: shade them
-        shade = Image.new("L", im.size, 0)
-        sd = ImageDraw.Draw(shade)
-        for x, y in np.asarray(level0_xy, np.float64):
-            sd.rectangle([x / sx, y / sy, x / sx + pw, y / sy + ph], fill=90)
-        im = Image.composite(Image.new("RGB", im.size, (30, 60, 220)), im, shade)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """QC image (:func:`~wsi_mil.tiling.qc.qc_image`: thumbnail, tissue tinted green, kept
+    patches outlined in blue) written as a PNG (atomic write)."""
     import imagecodecs
 
+    img = qc_image(thumb, mask, level0_xy, choice.patch_px_level0, level0_per_thumb_px)
+    path.parent.mkdir(parents=True, exist_ok=True)
     # libpng with OpenCV's fast settings (zlib level 1, RLE, SUB filter): ~3x faster than Pillow
-    data = imagecodecs.png_encode(np.asarray(im), level=1, strategy=3, filter=16)
+    data = imagecodecs.png_encode(img, level=1, strategy=3, filter=16)
     with atomic_path(path) as tmp:
         Path(tmp).write_bytes(data)
 
