@@ -140,3 +140,28 @@ def test_tile_reads_a_two_column_table_with_a_header(cli, tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "t.csv row 3: label '2' is not 0 or 1" in r.stderr
+
+
+def test_a_slide_given_as_the_table_says_to_pass_it_as_an_argument(cli, tmp_path):
+    """`--slides a.tiff` (a slide, not a CSV) is one usage error that names the fix."""
+    from slide_factory import make_pyramidal_tiff, test_image
+
+    make_pyramidal_tiff(tmp_path / "a.tiff", test_image(128, 128, seed=2), n_levels=1)
+    with pytest.raises(ConfigError, match="looks like an image, not a slide table") as e:
+        read_slide_table(tmp_path / "a.tiff")
+    assert "pass slides as arguments" in e.value.hint
+    with pytest.raises(ConfigError, match="is a folder, not a slide table"):
+        read_slide_table(tmp_path)
+    r = cli("tile", "--slides", "a.tiff", "-w", "W", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "looks like an image" in r.stderr and not (tmp_path / "W" / "patches").exists()
+
+
+def test_tables_in_other_encodings_name_the_encoding(tmp_path):
+    csv = tmp_path / "t.csv"
+    csv.write_bytes("slide_id,path\nrésumé,a.svs\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="is not UTF-8 text") as e:
+        read_slide_table(csv)
+    assert "save it as UTF-8" in e.value.hint
+    csv.write_text("slide_id,path\nrésumé,a.svs\n")
+    assert read_slide_table(csv)[0].slide_id == "résumé"

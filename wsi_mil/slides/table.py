@@ -98,15 +98,43 @@ def read_slide_table(
     return entries
 
 
+#: how to give slides without a table (hint when a slide or folder is given as the table)
+SLIDES_AS_ARGUMENTS = (
+    "pass slides as arguments instead (e.g. 'a.svs b.svs' or a quoted glob "
+    "'slides/*.svs'), or list them in a CSV given to --slides"
+)
+
+
+def _looks_like_slide(csv: Path) -> bool:
+    """Whether ``csv`` is an image rather than a text table: a NUL byte near its start (TIFF,
+    JPEG, PNG, DICOM and CZI headers have them; text in any encoding but UTF-16 has none)."""
+    try:
+        with open(csv, "rb") as f:
+            return b"\0" in f.read(4096)
+    except OSError:
+        return False
+
+
 def _read_csv(csv: Path) -> list[SlideEntry]:
+    if csv.is_dir():
+        raise ConfigError(f"--slides {csv} is a folder, not a slide table", SLIDES_AS_ARGUMENTS)
     if not csv.is_file():
         raise ConfigError(f"slide table {csv} does not exist", "check the --slides path")
+    if _looks_like_slide(csv):
+        raise ConfigError(
+            f"--slides {csv} looks like an image, not a slide table (a CSV)", SLIDES_AS_ARGUMENTS
+        )
     base = csv.parent
     try:
         df = pd.read_csv(csv, dtype=str, keep_default_na=False)
     except pd.errors.EmptyDataError:
         raise ConfigError(
             f"slide table {csv} is empty", f"write one row per slide: {TABLE_FORMS}"
+        ) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"slide table {csv} is not UTF-8 text (byte {e.start})",
+            "save it as UTF-8 (in Excel: 'CSV UTF-8')",
         ) from None
     except Exception as e:  # noqa: BLE001
         raise ConfigError(
