@@ -334,6 +334,18 @@ def _build_store(
         mpp_tolerance=cfg.mpp_tolerance,
     )
     lw, lh = slide.level_dimensions[choice.level]
+    if choice.patch_px_level > max(lw, lh, choice.patch_px):
+        # one patch would hold the whole slide, mostly white, and reading its window at
+        # the level (before shrinking it) would take patch_px_level^2 * 3 bytes: gigabytes
+        # for a small image at a large --mpp, or a slide whose mpp is recorded wrongly
+        whole_mpp = slide.mpp * max(w0, h0) / cfg.patch_size
+        raise SlideError(
+            f"{path}: at --mpp {cfg.mpp:g} one {cfg.patch_size} px patch spans "
+            f"{choice.patch_px_level0:,.0f} level-0 px, more than the whole slide "
+            f"({w0:,} x {h0:,} px at {slide.mpp:g} mpp)",
+            f"use --mpp {whole_mpp:.3g} or less (one patch then covers the whole slide), or "
+            "check the slide's mpp (--slide-mpp)",
+        )
     level_xy = grid_level_xy(lw, lh, choice.stride_level)
     level0_xy = level_to_level0_xy(level_xy, choice.level_downsample)
 
