@@ -7,7 +7,13 @@ from pathlib import Path
 import pytest
 
 from wsi_mil.errors import ConfigError
-from wsi_mil.slides.table import SlideEntry, read_slide_table, slide_id_from_path, write_slide_table
+from wsi_mil.slides.table import (
+    SlideEntry,
+    check_slide_id,
+    read_slide_table,
+    slide_id_from_path,
+    write_slide_table,
+)
 
 
 def test_contract_csv_resolves_relative_paths(tmp_path):
@@ -46,6 +52,10 @@ def test_seed_labels_csv(tmp_path):
         # a first slide with a bad label is reported, not dropped as a header
         ("a.tiff,yes\nb.tiff,1\n", "row 1: label 'yes' is not 0 or 1"),
         ("name,2\nb.tiff,1\n", "row 1: label '2' is not 0 or 1"),
+        # an extra field is named, not read with the columns shifted (or a parser error)
+        ("slide_id,path,label\nx1,a,b,c\n", "row 2: 4 fields where row 1 has 3"),
+        ("filename,label\na,b.tiff,1\n", "row 2: 3 fields where row 1 has 2"),
+        ("a.tiff,1\nb.tiff,1\nc.tiff,0,\n", "row 3: 3 fields where row 1 has 2"),
     ],
 )
 def test_bad_tables(tmp_path, body, msg):
@@ -165,3 +175,16 @@ def test_tables_in_other_encodings_name_the_encoding(tmp_path):
     assert "save it as UTF-8" in e.value.hint
     csv.write_text("slide_id,path\nrésumé,a.svs\n")
     assert read_slide_table(csv)[0].slide_id == "résumé"
+
+
+def test_rows_with_fewer_fields_leave_the_last_values_empty(tmp_path):
+    csv = tmp_path / "t.csv"
+    csv.write_text("slide_id,path,label,split\na,a.svs\nb,b.svs,1\n")
+    es = read_slide_table(csv)
+    assert [(e.slide_id, e.label, e.split) for e in es] == [("a", None, None), ("b", 1, None)]
+
+
+def test_hint_for_a_dot_slide_id_does_not_talk_about_separators():
+    with pytest.raises(ConfigError, match="starts with '.'") as e:
+        check_slide_id("..")
+    assert "'/'" not in e.value.hint

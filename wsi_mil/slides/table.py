@@ -56,7 +56,8 @@ def check_slide_id(slide_id: str) -> None:
     if why is not None:
         raise ConfigError(
             f"slide_id {slide_id!r} {why}: slide ids name files (W/patches/<slide_id>.zarr)",
-            "rename it in the slide table, e.g. replace '/' with '_'",
+            "rename it in the slide table"
+            + (", e.g. replace '/' with '_'" if "separator" in why else ""),
         )
 
 
@@ -115,6 +116,27 @@ def _looks_like_slide(csv: Path) -> bool:
         return False
 
 
+def _check_field_counts(csv: Path) -> None:
+    """ConfigError naming the first row with more fields than the first row (pandas would
+    shift the columns of a header table, or fail with a parser error). Fewer fields are
+    fine: missing trailing values are empty."""
+    import csv as csv_module
+
+    try:
+        with open(csv, newline="", encoding="utf-8") as f:
+            rows = ((i, r) for i, r in enumerate(csv_module.reader(f), 1) if r)
+            first = next(rows, None)
+            for row_no, row in rows:
+                if first is not None and len(row) > len(first[1]):
+                    raise ConfigError(
+                        f"{csv} row {row_no}: {len(row)} fields where row {first[0]} has "
+                        f"{len(first[1])}",
+                        "remove the extra commas; quote values that contain commas",
+                    )
+    except (UnicodeDecodeError, csv_module.Error):
+        return  # reported by the pandas read below
+
+
 def _read_csv(csv: Path) -> list[SlideEntry]:
     if csv.is_dir():
         raise ConfigError(f"--slides {csv} is a folder, not a slide table", SLIDES_AS_ARGUMENTS)
@@ -125,6 +147,7 @@ def _read_csv(csv: Path) -> list[SlideEntry]:
             f"--slides {csv} looks like an image, not a slide table (a CSV)", SLIDES_AS_ARGUMENTS
         )
     base = csv.parent
+    _check_field_counts(csv)
     try:
         df = pd.read_csv(csv, dtype=str, keep_default_na=False)
     except pd.errors.EmptyDataError:
@@ -145,7 +168,12 @@ def _read_csv(csv: Path) -> list[SlideEntry]:
     if "slide_id" not in cols:
         # Two columns filename,label: the seed's labels.csv (no header) or the same with a
         # header row of column names (see _is_two_column_header).
-        df = pd.read_csv(csv, dtype=str, keep_default_na=False, header=None)
+        try:
+            df = pd.read_csv(csv, dtype=str, keep_default_na=False, header=None)
+        except Exception as e:  # noqa: BLE001
+            raise ConfigError(
+                f"cannot read slide table {csv}: {e}", f"it must be a CSV with {TABLE_FORMS}"
+            ) from None
         if df.shape[1] != 2:
             raise ConfigError(
                 f"{csv}: no 'slide_id' column and {df.shape[1]} column(s), not 2",
