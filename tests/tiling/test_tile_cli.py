@@ -234,6 +234,7 @@ def test_bad_options_exit_2(tmp_path, cli, make_slide):
         ["--min-tissue", "2"],
         ["--patch-size", "0"],
         ["--processes", "0"],
+        ["--mpp", "nan"],
     ):
         r = cli("tile", str(slide), "--work", str(tmp_path / "w"), *extra)
         assert r.returncode == 2, (extra, r.stderr)
@@ -371,3 +372,38 @@ def test_mpp_that_makes_one_patch_larger_than_the_slide_fails_the_slide(tmp_path
     r = cli(*args, "--mpp", "2.34", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert len(PatchStore.open(tmp_path / "W" / "patches" / "small.zarr")) == 1
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("mpp", float("nan")), ("mpp", float("inf")), ("slide_mpp", float("nan")),
+     ("slide_mpp", float("inf")), ("slide_mpp", 0.0), ("mpp_tolerance", -1.0),
+     ("mpp_tolerance", float("nan"))],
+)  # fmt: skip
+def test_non_finite_or_negative_resolutions_are_refused(tmp_path, field, value):
+    from wsi_mil.config import TileConfig
+    from wsi_mil.errors import ConfigError
+    from wsi_mil.tiling.tile import validate_config
+
+    validate_config(TileConfig(work=tmp_path, mpp=0.5, slide_mpp=0.25))  # fine
+    cfg = TileConfig(work=tmp_path, **{"mpp": 0.5, field: value})
+    with pytest.raises(ConfigError, match=field.replace("_", "-")):
+        validate_config(cfg)
+
+
+def test_mpp_far_finer_than_the_slide_fails_the_slide(tmp_path, cli):
+    """Enlarging patches more than MAX_UPSAMPLE times (an --mpp in the wrong unit, or a
+    wrong recorded mpp) fails the slide instead of filling the disk with blown-up pixels."""
+    from slide_factory import test_image
+
+    slide = make_pyramidal_tiff(tmp_path / "s.tiff", test_image(120, 100, seed=1), mpp=0.5)
+    args = ("-q", "tile", str(slide), "-w", "W", "--tissue", "none", "--patch-size", "64")
+    r = cli(*args, "--mpp", "0.05", cwd=tmp_path)  # 10x finer: 64 px patches from 6 px
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    (row,) = list(csv.DictReader(open(tmp_path / "W" / "failures.csv")))
+    assert "--mpp 0.05 is 10x finer than the slide's level 0 (0.5 mpp)" in row["reason"]
+    assert "enlarged from 6 px" in row["reason"] and "use --mpp 0.0625 or more" in row["reason"]
+    assert not (tmp_path / "W" / "patches" / "s.zarr").exists()
+    r = cli(*args, "--mpp", "0.0625", cwd=tmp_path)  # 8x: allowed
+    assert r.returncode == 0, r.stderr
+    assert PatchStore.open(tmp_path / "W" / "patches" / "s.zarr").patch_size_level == 8

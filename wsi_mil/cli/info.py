@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 
 import click
 
@@ -55,9 +56,9 @@ def command(slide: str, as_json: bool, slide_mpp: float | None, backend: str) ->
     from wsi_mil.errors import ConfigError
     from wsi_mil.slides.info import format_info, slide_info
 
-    if slide_mpp is not None and slide_mpp <= 0:
+    if slide_mpp is not None and not (math.isfinite(slide_mpp) and slide_mpp > 0):
         raise ConfigError(
-            f"--slide-mpp must be > 0, got {slide_mpp}", "e.g. 0.25 (40x) or 0.5 (20x)"
+            f"--slide-mpp must be a number > 0, got {slide_mpp}", "e.g. 0.25 (40x) or 0.5 (20x)"
         )
     info = slide_info(slide, backend=None if backend == "auto" else backend, mpp=slide_mpp)
     click.echo(json.dumps(info, indent=2) if as_json else format_info(info))

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import math
 import queue
 from collections.abc import Collection, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -64,6 +65,8 @@ TILING_VERSION = 1
 #: version of the tissue scores (2: grey and dark-background images, see tissue.py); an
 #: empty otsu store of an older version is not current (it may be a grey image it missed)
 TISSUE_SCORES = 2
+#: largest enlargement of patches asked for at an --mpp finer than level 0's
+MAX_UPSAMPLE = 8
 #: patches per zarr chunk of ``pixels`` (each written as one file, in parallel)
 CHUNK_PATCHES = 64
 
@@ -88,10 +91,14 @@ def validate_config(cfg: TileConfig) -> None:
         raise ConfigError("--level and --mpp are exclusive", "give one of them")
     if cfg.level is not None and cfg.level < 0:
         raise ConfigError(f"--level must be >= 0, got {cfg.level}")
-    if cfg.mpp is not None and cfg.mpp <= 0:
-        raise ConfigError(f"--mpp must be > 0, got {cfg.mpp}")
-    if cfg.slide_mpp is not None and cfg.slide_mpp <= 0:
-        raise ConfigError(f"--slide-mpp must be > 0, got {cfg.slide_mpp}")
+    for name, v in (("--mpp", cfg.mpp), ("--slide-mpp", cfg.slide_mpp)):
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise ConfigError(f"{name} must be a number > 0, got {v}", "e.g. 0.5 (20x)")
+    if not (math.isfinite(cfg.mpp_tolerance) and cfg.mpp_tolerance >= 0):
+        raise ConfigError(
+            f"--mpp-tolerance must be a number >= 0, got {cfg.mpp_tolerance}",
+            "e.g. 0.1: a level within 10 % of --mpp is read as it is",
+        )
     if cfg.significant_bits is not None and not 8 <= cfg.significant_bits <= 32:
         raise ConfigError(
             f"--significant-bits must be 8..32, got {cfg.significant_bits}",
@@ -345,6 +352,16 @@ def _build_store(
             f"({w0:,} x {h0:,} px at {slide.mpp:g} mpp)",
             f"use --mpp {whole_mpp:.3g} or less (one patch then covers the whole slide), or "
             "check the slide's mpp (--slide-mpp)",
+        )
+    if choice.patch_px > MAX_UPSAMPLE * choice.patch_px_level:
+        # patches blown up from a few px each: no information, and a store that can fill
+        # the disk (an --mpp in the wrong unit, or a slide whose recorded mpp is wrong)
+        raise SlideError(
+            f"{path}: --mpp {cfg.mpp:g} is {slide.mpp / cfg.mpp:.3g}x "
+            f"finer than the slide's level 0 ({slide.mpp:g} mpp): each {cfg.patch_size} px "
+            f"patch would be enlarged from {choice.patch_px_level} px",
+            f"use --mpp {slide.mpp / MAX_UPSAMPLE:.3g} or more (at most {MAX_UPSAMPLE}x "
+            "enlarged), or check the slide's mpp (--slide-mpp)",
         )
     level_xy = grid_level_xy(lw, lh, choice.stride_level)
     level0_xy = level_to_level0_xy(level_xy, choice.level_downsample)
