@@ -226,3 +226,19 @@ def test_resized_patches_from_subchunks(monkeypatch, backend_slides, case, subch
             gen.close()
             assert pool.submit(lambda: 1).result() == 1
         np.testing.assert_array_equal(got, read_patches_from_slide(slide, xy, 0, p_out, p_level))
+
+
+def test_large_patches_get_fewer_patches_per_chunk(tmp_path, backend_slides):
+    """Chunks stay under CHUNK_BYTES: 64 patches of 12,000 px would be a 27 GB chunk (and
+    buffer); the pixels are the same as read_region's."""
+    from wsi_mil.tiling.tile import CHUNK_PATCHES, chunk_patches
+
+    assert chunk_patches(224) == chunk_patches(295) == CHUNK_PATCHES  # stores as before
+    assert (chunk_patches(296), chunk_patches(1024), chunk_patches(12_000)) == (63, 5, 1)
+    path, backend = backend_slides["tiff-ome"]
+    store = _tile(tmp_path, path, backend, patch_size=600, stride=100)
+    assert len(store) == 48 and store.attrs["params"]["chunk_patches"] == 15
+    assert len(list((store.path / "pixels").glob("c.*"))) == 4  # 48 patches in chunks of 15
+    with open_slide(path, backend=backend) as slide:
+        ref = read_patches_from_slide(slide, store.coords, 0, 600, 600)
+    np.testing.assert_array_equal(store.pixels(0, len(store)), ref)

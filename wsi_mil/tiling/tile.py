@@ -69,6 +69,15 @@ TISSUE_SCORES = 2
 MAX_UPSAMPLE = 8
 #: patches per zarr chunk of ``pixels`` (each written as one file, in parallel)
 CHUNK_PATCHES = 64
+#: raw bytes of one chunk of ``pixels`` at most: fewer patches per chunk for large patches
+#: (a chunk is one file, and a few are held in memory while tiling; 64 patches of 12,000 px
+#: would be 27 GB). Patches up to 295 px keep CHUNK_PATCHES.
+CHUNK_BYTES = 16 << 20
+
+
+def chunk_patches(patch_px: int) -> int:
+    """Patches per zarr chunk of ``pixels`` for output patches ``patch_px`` a side."""
+    return max(1, min(CHUNK_PATCHES, CHUNK_BYTES // (3 * patch_px * patch_px)))
 
 
 def patches_dir(work: str | Path) -> Path:
@@ -149,7 +158,7 @@ def tiling_params(cfg: TileConfig) -> dict[str, Any]:
         "pixels": cfg.pixels,
         "compression": cfg.compression if cfg.pixels else None,
         "backend": cfg.backend,
-        "chunk_patches": CHUNK_PATCHES,
+        "chunk_patches": chunk_patches(cfg.patch_size),
     }
 
 
@@ -398,7 +407,7 @@ def _build_store(
             level0_xy,
             attrs,
             pixels=cfg.pixels,
-            chunk_patches=CHUNK_PATCHES,
+            chunk_patches=chunk_patches(cfg.patch_size),
             compressors=cfg.compression,
             tissue=tissue,
             encode_threads=cfg.workers,  # a share of the CPUs with --processes
@@ -486,7 +495,7 @@ def _write_pixels(
         try:
             buf = free.get_nowait()
         except queue.Empty:
-            buf = aligned_empty((CHUNK_PATCHES, p, p, 3))
+            buf = aligned_empty((writer.chunk_rows, p, p, 3))
         lent[buf.ctypes.data] = buf
         return buf[:n]
 
@@ -499,13 +508,13 @@ def _write_pixels(
             level_xy,
             choice.patch_px_level,
             choice.patch_px,
-            CHUNK_PATCHES,
+            writer.chunk_rows,
             pool,
             get_buffer=get_buffer,
         )
         for start, arr in chunks:
             buf, n = lent.pop(arr.ctypes.data), len(arr)
-            cp = writer.chunk_rows  # CHUNK_PATCHES, or fewer in a store of fewer patches
+            cp = writer.chunk_rows  # chunk_patches(), or fewer in a store of fewer patches
             if n < cp:
                 # the short last chunk is stored full size: pad it in its own buffer rather
                 # than have the writer copy it into a fresh one (~15 ms at the end of a slide)
