@@ -14,6 +14,7 @@ import pytest
 import zarr
 from slide_factory import make_pyramidal_tiff, test_image
 
+from wsi_mil.batch import file_fingerprint
 from wsi_mil.config import ExtractConfig
 from wsi_mil.errors import ConfigError
 from wsi_mil.features import (
@@ -293,3 +294,30 @@ def test_cuda_extraction_matches_cpu_to_bf16_precision(tmp_path, fx):
     assert np.array_equal(got.coords, ref.coords)
     err = np.linalg.norm(got.features - ref.features) / np.linalg.norm(ref.features)
     assert err < 2e-2, f"relative error {err:.3g}"
+
+
+def test_same_size_image_swapped_in_for_a_coords_only_store_fails(tmp_path, fx):
+    """Another image of the same pixel size at the tiled slide's path (a swapped table row, a
+    re-scan) is caught by the recorded file size; a copy of the right file is fine."""
+    slide_path = make_pyramidal_tiff(
+        tmp_path / "s.tiff", test_image(128, 128, seed=1), n_levels=1, tile_px=64
+    )
+    other = make_pyramidal_tiff(
+        tmp_path / "o.tiff", test_image(128, 128, seed=9), n_levels=1, tile_px=64
+    )
+    assert other.stat().st_size != slide_path.stat().st_size
+    work = tmp_path / "W"
+    attrs = {**fx.store_attrs(32, (128, 128)), "slide_path": str(slide_path)}
+    attrs["slide_fingerprint"] = file_fingerprint(slide_path)
+    with PatchStoreWriter(
+        work / "patches" / "s.zarr", fx.grid_coords(2, 2, 32), attrs, pixels=False
+    ) as w:
+        w.commit()
+    cfg = ExtractConfig(work=work, feature_dim=16)
+    res = extract_slides(cfg, [SlideEntry("s", other)], progress=False)
+    assert "o.tiff is not the slide s.zarr was tiled from" in res.failed["s"]
+    copy = tmp_path / "copy" / "s.tiff"  # staged copy: same size, new mtime
+    copy.parent.mkdir()
+    copy.write_bytes(slide_path.read_bytes())
+    res = extract_slides(cfg, [SlideEntry("s", copy)], progress=False)
+    assert res.done == ["s"], res.summary()

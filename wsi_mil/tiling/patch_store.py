@@ -430,12 +430,31 @@ class PatchStore:
             raise StoreError(
                 f"{self.path}: store has no pixels and no slide_path", "re-tile with --pixels"
             )
+        self._check_slide_size(Path(p))
         return open_slide(
             p,
             backend=backend or self.attrs.get("backend"),
             mpp=self.mpp,
             significant_bits=self.attrs.get("significant_bits"),
         )
+
+    def _check_slide_size(self, path: Path) -> None:
+        """StoreError when the file at ``path`` has another size than the one tiled (the
+        recorded fingerprint): another slide (or a re-scan) at that path would give patches
+        of the wrong image. The mtime is not compared: copies (e.g. staged to node-local
+        scratch) keep the size but not the mtime. Folders (OME-Zarr, MRXS) are not checked."""
+        rec = self.attrs.get("slide_fingerprint")
+        size = rec.get("size") if isinstance(rec, dict) else None
+        if size is None or not path.is_file():
+            return
+        now = path.stat().st_size
+        if now != size:
+            raise StoreError(
+                f"{path} is not the slide {self.path.name} was tiled from: {now:,} bytes, "
+                f"the tiled file had {size:,}",
+                "give the slide's right path, or tile it again (wsi-mil tile rebuilds the "
+                "stores of changed slides)",
+            )
 
 
 class PatchStoreWriter:
