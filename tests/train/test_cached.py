@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import time
@@ -347,6 +348,24 @@ def test_resume_refuses_changed_feature_stores_before_rewriting_the_run(tmp_path
     now = _weights(run / "checkpoints" / "last.pt")["inputs"]
     assert [s for s in now if now[s] != recorded[s]] == ["bag003"]
     train(_cfg(tmp_path, epochs=2, resume=True), entries, progress=False)
+
+
+def test_resume_refuses_changed_labels(tmp_path):
+    """A label flipped in the slide table since the checkpoint: --resume is refused (the
+    model learnt the old label), before the run folder changes."""
+    bags, entries = _setup(tmp_path, n_bags=8, splits=["train"] * 6 + ["val"] * 2)
+    run = train(_cfg(tmp_path, epochs=1), entries, progress=False)
+    recorded = _weights(run / "checkpoints" / "last.pt")["labels"]
+    assert recorded == {b.slide_id: b.label for b in bags}
+    last = (run / "checkpoints" / "last.pt").read_bytes()
+    flipped = [
+        dataclasses.replace(e, label=1 - e.label) if e.slide_id == "bag002" else e for e in entries
+    ]
+    with pytest.raises(ConfigError, match=r"other labels for 1 slide\(s\) \(bag002\)") as e:
+        train(_cfg(tmp_path, epochs=2, resume=True), flipped, progress=False)
+    assert "--overwrite" in str(e.value)
+    assert (run / "checkpoints" / "last.pt").read_bytes() == last
+    train(_cfg(tmp_path, epochs=2, resume=True), entries, progress=False)  # same labels: on
 
 
 def test_resume_goes_on_when_stores_are_rewritten_alike(tmp_path):

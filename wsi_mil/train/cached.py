@@ -239,15 +239,16 @@ def check_resume_checkpoint(
     val_ids: Sequence[str],
     inputs: dict[str, str],
     kind: str = "feature stores",
+    labels: dict[str, int] | None = None,
 ) -> None:
     """With ``--resume`` on a run that has ``last.pt``: refuse, before anything in the run
     folder is rewritten, what :func:`wsi_mil.train.loop.check_resumable` refuses (other
-    slides, changed input stores, more epochs done than ``--epochs``)."""
+    slides, changed input stores or labels, more epochs done than ``--epochs``)."""
     last = Path(cfg.run) / "checkpoints" / "last.pt"
     if not (cfg.resume and last.is_file()):
         return
     ck = load_checkpoint_file(last, fix=RESUME_FIX)
-    check_resumable(ck, last, cfg.epochs, train_ids, val_ids, inputs, kind)
+    check_resumable(ck, last, cfg.epochs, train_ids, val_ids, inputs, kind, labels)
 
 
 #: feature-store attrs that say where things are, not what the features are
@@ -342,7 +343,12 @@ def _train_cached(
     inputs = {b.slide_id: feature_store_digest(b) for b in bags}
     check_resume_options(cfg, resolved)
     check_resume_checkpoint(
-        cfg, [b.slide_id for b in train], [b.slide_id for b in val], inputs, "feature stores"
+        cfg,
+        [b.slide_id for b in train],
+        [b.slide_id for b in val],
+        inputs,
+        "feature stores",
+        {b.slide_id: int(b.label) for b in [*train, *val]},
     )
     if main:
         run = prepare_run_dir(cfg)

@@ -170,6 +170,7 @@ def check_resumable(
     val_ids: Sequence[str],
     inputs: dict[str, str] | None = None,
     kind: str = "feature stores",
+    labels: dict[str, int] | None = None,
 ) -> None:
     """:class:`ConfigError` when checkpoint ``ck`` (read from ``path``) cannot go on as this run.
 
@@ -177,7 +178,9 @@ def check_resumable(
     bag is read from) that differ from the ones the checkpoint records (its model learnt from
     other features or patches, which the run would now mix in); more epochs already trained
     than ``epochs`` (``config.yaml`` would claim fewer epochs than ``metrics.csv`` holds).
-    Checkpoints written before inputs were recorded are not compared on them.
+    Checkpoints written before inputs were recorded are not compared on them. ``labels``
+    (slide_id -> label of the train and val slides) that differ from the recorded ones
+    are refused too (checkpoints written before labels were recorded: not compared).
     """
     for key, mine in (("train_ids", train_ids), ("val_ids", val_ids)):
         if ck.get(key) is not None and list(ck[key]) != list(mine):
@@ -197,6 +200,18 @@ def check_resumable(
                 f"{len(recorded)} slides changed since ({shown}), and continuing would mix "
                 "the two",
                 f"{RESUME_FIX}, give another --run, or restore the {kind} it was trained on",
+            )
+    had = ck.get("labels") or {}
+    if labels is not None and had:
+        flipped = [s for s in had if s in labels and int(labels[s]) != int(had[s])]
+        if flipped:
+            shown = ", ".join(flipped[:5]) + (
+                f" (+{len(flipped) - 5} more)" if len(flipped) > 5 else ""
+            )
+            raise ConfigError(
+                f"--resume: {path} was trained with other labels for {len(flipped)} "
+                f"slide(s) ({shown}), and continuing would mix the two",
+                f"{RESUME_FIX}, give another --run, or restore the labels it was trained on",
             )
     done = int(ck.get("epoch", 0))
     if done > epochs:
@@ -452,9 +467,14 @@ class Trainer:
             "train_ids": [b.slide_id for b in self.train_bags],
             "val_ids": [b.slide_id for b in self.val_bags],
             "inputs": dict(self.inputs),
+            "labels": self.labels(),
             "train_config": to_plain(self.cfg),
             "extra": self.extra_state(),
         }
+
+    def labels(self) -> dict[str, int]:
+        """slide_id -> label of the train and val bags (recorded in checkpoints)."""
+        return {b.slide_id: int(b.label) for b in [*self.train_bags, *self.val_bags]}
 
     def load_state_dict(self, ck: dict[str, Any]) -> None:
         self.model.load_state_dict(ck["model"])
@@ -490,6 +510,7 @@ class Trainer:
             [b.slide_id for b in self.val_bags],
             self.inputs or None,
             self.input_kind,
+            self.labels(),
         )
         self.load_state_dict(ck)
         if dist_.is_main(self.info):
