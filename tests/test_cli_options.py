@@ -64,6 +64,30 @@ def test_bad_config_value_names_the_file_and_the_section_to_use(cli, tmp_path):
     assert r.returncode == 2 and "c.yaml: 'train:' section key 'epochs'" in r.stderr, r.stderr
 
 
+@pytest.mark.parametrize(
+    "body,msg",
+    [
+        ("tile:\n  patch-size: 1.5\n", "'patch-size': Invalid value: 1.5 is not a whole number"),
+        ("level: true\n", "top-level key 'level': Invalid value: True is a boolean, not a number"),
+        ("tile:\n  min-tissue: yes\n", "'min-tissue': Invalid value: True is a boolean"),
+        ("tile: 5\n", "'tile:' must be a section of option names and values, got 5"),
+    ],
+)
+def test_yaml_values_the_command_line_would_refuse_are_refused(cli, tmp_path, body, msg):
+    """click would turn 1.5 into 1 and true into 1 for integer options; a section that is
+    not a mapping was ignored."""
+    (tmp_path / "c.yaml").write_text(body)
+    r = cli("tile", "a.tiff", "--config", "c.yaml", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert msg in r.stderr, r.stderr
+
+
+def test_whole_numbers_and_a_run_path_stay_valid_in_yaml(cli, tmp_path):
+    (tmp_path / "c.yaml").write_text("run: out/r\ntile:\n  patch-size: 64.0\n")
+    r = cli("tile", "missing.tiff", "--config", "c.yaml", "-w", "W", cwd=tmp_path)
+    assert r.returncode == 1 and "file not found" in r.stderr, r.stderr  # got to the slide
+
+
 def _junk_files(folder):
     folder.mkdir(exist_ok=True)
     (folder / "text.pt").write_text("hi\n")

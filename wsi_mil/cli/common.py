@@ -76,8 +76,22 @@ def _check_top_level_keys(path: str, command: click.Command) -> None:
 
     import yaml
 
+    from wsi_mil.config import COMMANDS
+    from wsi_mil.errors import ConfigError
+
     data = yaml.safe_load(Path(path).read_text()) or {}  # load_config_file validated it
     known = known_config_keys(command)
+    from wsi_mil.cli import cli
+
+    options = {o for c in [*cli.commands.values(), command] for o in _option_names(c)}
+    for k, v in data.items():
+        # a command's section that is not a mapping (and no option has its name, as --run)
+        sections = (*COMMANDS, *EXTRA_SECTIONS)
+        if k in sections and v is not None and not isinstance(v, dict) and k not in options:
+            raise ConfigError(
+                f"{path}: '{k}:' must be a section of option names and values, got {v!r}",
+                f"e.g. '{k}:' followed by indented lines such as '  workers: 4'",
+            )
     unknown = [k for k in data if _norm_key(k) not in known]
     if unknown:
         raise _unknown_key_error(
@@ -108,6 +122,7 @@ def _check_values(
         if p is None or p.name == "config" or v is None:
             continue
         try:
+            _check_yaml_scalar(p, v)
             p.type_cast_value(ctx, v)
         except click.BadParameter as e:
             key = k.replace("_", "-")
@@ -121,6 +136,21 @@ def _check_values(
                 f"{path}: '{cmd}:' section key '{key}': {e.format_message()}",
                 f"see 'wsi-mil {cmd} --help'",
             ) from None
+
+
+def _check_yaml_scalar(param: click.Parameter, value: Any) -> None:
+    """click.BadParameter for YAML values click would quietly convert where the command line
+    refuses them: ``1.5`` for an integer option (int() gives 1) and ``true``/``false`` for a
+    number (int(True) gives 1)."""
+    kinds = param.type.types if isinstance(param.type, click.Tuple) else [param.type]
+    values = value if isinstance(value, list | tuple) else [value]
+    for kind, v in zip(kinds * len(values) if len(kinds) == 1 else kinds, values, strict=False):
+        number = isinstance(kind, click.types.IntParamType | click.types.FloatParamType)
+        if number and isinstance(v, bool):
+            raise click.BadParameter(f"{v!r} is a boolean, not a number")
+        if isinstance(kind, click.types.IntParamType) and isinstance(v, float):
+            if not v.is_integer():
+                raise click.BadParameter(f"{v!r} is not a whole number")
 
 
 def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
