@@ -91,6 +91,23 @@ def test_output_lock_excludes_second_holder(tmp_path):
         assert held
 
 
+def test_a_slide_another_process_is_writing_is_not_counted_up_to_date(tmp_path, cli):
+    """Two runs on one work folder: a slide whose store the other run holds is reported as
+    left to it, not as up to date (it is not written yet)."""
+    from slide_factory import make_image, test_image
+
+    slide = make_image(tmp_path / "a.png", test_image(64, 64, seed=1))
+    args = ("tile", str(slide), "-w", "W", "--tissue", "none", "--patch-size", "32")
+    with output_lock(tmp_path / "W" / "patches" / "a.zarr") as held:
+        assert held
+        r = cli(*args, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "0 done, 0 up to date, 0 failed, 1 left to another process writing them" in r.stderr
+    assert not (tmp_path / "W" / "patches" / "a.zarr").exists()
+    r = cli(*args, cwd=tmp_path)
+    assert r.returncode == 0 and "1 done, 0 up to date, 0 failed" in r.stderr, r.stderr
+
+
 def test_output_lock_leaves_no_lock_files(tmp_path):
     target = tmp_path / "patches" / "a.zarr"
     with output_lock(target) as held:

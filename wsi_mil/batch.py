@@ -326,6 +326,8 @@ class BatchResult:
     stage: str
     done: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    #: slides whose output another process was writing (see :class:`Busy`)
+    busy: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     warnings: dict[str, str] = field(default_factory=dict)
 
@@ -338,6 +340,8 @@ class BatchResult:
             f"{self.stage}: {len(self.done)} done, {len(self.skipped)} up to date, "
             f"{len(self.failed)} failed"
         )
+        if self.busy:
+            s += f", {len(self.busy)} left to another process writing them"
         if self.warnings:
             s += f", {len(self.warnings)} with warnings"
         for sid, why in self.failed.items():
@@ -349,6 +353,11 @@ class BatchResult:
 
 class Skip(Exception):
     """Raised by a per-slide function when its output is already complete and current."""
+
+
+class Busy(Skip):
+    """Raised by a per-slide function when another process holds the output's lock (it is
+    writing that output now): left to it, and counted apart from the up-to-date slides."""
 
 
 class SlideWarning(Exception):
@@ -387,6 +396,8 @@ def run_per_slide(
                 res.done.append(sid)
             elif status == "skip":
                 res.skipped.append(sid)
+            elif status == "busy":
+                res.busy.append(sid)
             elif status == "warn":
                 res.done.append(sid)
                 res.warnings[sid] = message
@@ -401,11 +412,13 @@ def run_per_slide(
 
 
 def call_for_slide(fn: Callable[[T], Any], item: T, debug: bool = False) -> tuple[str, str]:
-    """``fn(item)`` as ``(status, message)``: ``done``, ``skip``, ``warn`` (the warning) or
-    ``fail`` (the reason). Plain strings, so the outcome crosses process boundaries."""
+    """``fn(item)`` as ``(status, message)``: ``done``, ``skip``, ``busy``, ``warn`` (the
+    warning) or ``fail`` (the reason). Plain strings, so the outcome crosses process boundaries."""
     try:
         fn(item)
         return "done", ""
+    except Busy:
+        return "busy", ""
     except Skip:
         return "skip", ""
     except SlideWarning as w:

@@ -30,6 +30,7 @@ from torch import nn
 from wsi_mil import __version__
 from wsi_mil.batch import (
     BatchResult,
+    Busy,
     Skip,
     SlideWarning,
     atomic_path,
@@ -593,7 +594,7 @@ def _extract_one(
     with output_lock(final) as held:
         if not held:
             log.info("%s: another process is writing %s; leaving it to that process", sid, final)
-            raise Skip(sid)
+            raise Busy(sid)
         digest = store_digest(store)
         if (
             not cfg.overwrite

@@ -25,6 +25,7 @@ import numpy as np
 
 from wsi_mil.batch import (
     BatchResult,
+    Busy,
     Skip,
     SlideWarning,
     atomic_path,
@@ -294,7 +295,7 @@ def tile_slide(
     with output_lock(final) as held:
         if not held:
             log.info("%s: another process is writing %s; leaving it to that process", sid, final)
-            raise Skip(sid)
+            raise Busy(sid)
         store = None if cfg.overwrite else current_store(final, fingerprint, current_digests(cfg))
         if store is not None:
             stored = store.attrs.get("compression")

@@ -41,6 +41,7 @@ import yaml
 
 from wsi_mil.batch import (
     BatchResult,
+    Busy,
     Skip,
     SlideWarning,
     atomic_path,
@@ -730,7 +731,7 @@ def predict_slides(
         with output_lock(out) as held:
             if not held:
                 log.info("%s: another process is writing %s", entry.slide_id, out)
-                raise Skip(entry.slide_id)
+                raise Busy(entry.slide_id)
             score(entry, out)
 
     def score(entry: SlideEntry, out: Path) -> None:

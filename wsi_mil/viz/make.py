@@ -32,6 +32,7 @@ import numpy as np
 
 from wsi_mil.batch import (
     BatchResult,
+    Busy,
     Skip,
     SlideWarning,
     atomic_path,
@@ -269,7 +270,7 @@ def render_slide(
     # lock files live in heatmaps/.locks so the PNG folder holds only pictures
     with output_lock(out_dir / ".locks" / outs[-1].name) as held:
         if not held:
-            raise Skip  # another process is drawing this slide right now
+            raise Busy(sid)  # another process is drawing this slide right now
         if not cfg.overwrite and all(p.is_file() for p in outs) and png_digest(outs[-1]) == digest:
             raise Skip
         am = read_attention(att_file)
