@@ -15,10 +15,11 @@ from bag_factory import make_bags, write_bags, write_table
 
 SCRIPT = textwrap.dedent(
     """
-    import sys
+    import logging, sys
     from pathlib import Path
     import torch
     torch.set_num_threads(1)
+    logging.basicConfig(level=logging.INFO)
     from wsi_mil.config import TrainConfig
     from wsi_mil.slides.table import read_slide_table
     from wsi_mil.train import train
@@ -55,6 +56,7 @@ def test_two_ranks_equal_one_process_accumulating(tmp_path: Path):
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert two.returncode == 0, two.stderr[-3000:]
+    assert one.stderr.count("training on") == two.stderr.count("training on") == 1  # rank 0
     for name in ("last.pt", "best.pt"):
         a = torch.load(tmp_path / "one" / "checkpoints" / name, weights_only=True)
         b = torch.load(tmp_path / "two" / "checkpoints" / name, weights_only=True)

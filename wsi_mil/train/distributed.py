@@ -16,6 +16,7 @@ Backend: ``gloo`` on CPU, ``nccl`` on CUDA (each rank pinned to ``cuda:LOCAL_RAN
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -123,6 +124,9 @@ def init_distributed(device: str = "auto") -> DistInfo:
             )
         except TypeError:  # older torch without device_id
             dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world)
+    if rank != 0:  # progress and info lines once (rank 0's); warnings and errors from all
+        quiet = logging.getLogger("wsi_mil")
+        quiet.setLevel(max(quiet.getEffectiveLevel(), logging.WARNING))
     return DistInfo(rank, world, local_rank, dev)
 
 
