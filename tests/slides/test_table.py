@@ -188,3 +188,24 @@ def test_hint_for_a_dot_slide_id_does_not_talk_about_separators():
     with pytest.raises(ConfigError, match="starts with '.'") as e:
         check_slide_id("..")
     assert "'/'" not in e.value.hint
+
+
+def test_a_table_from_a_pipe_is_read_once(tmp_path):
+    """`--slides <(make_table)`: the table is a pipe, which can be read only once."""
+    import os
+    import threading
+
+    fifo = tmp_path / "t.csv"
+    os.mkfifo(fifo)
+    body = "slide_id,path,label\n" + "".join(f"s{i},/d/s{i}.svs,{i % 2}\n" for i in range(3))
+    writer = threading.Thread(target=fifo.write_text, args=(body,))
+    writer.start()
+    es = read_slide_table(fifo)
+    writer.join()
+    assert [(e.slide_id, e.label) for e in es] == [("s0", 0), ("s1", 1), ("s2", 0)]
+
+
+def test_a_utf8_byte_order_mark_is_dropped(tmp_path):
+    csv = tmp_path / "t.csv"
+    csv.write_bytes(b"\xef\xbb\xbfslide_id,path\na,a.svs\n")  # Excel's 'CSV UTF-8'
+    assert read_slide_table(csv)[0].slide_id == "a"

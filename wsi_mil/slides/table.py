@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,58 +107,65 @@ SLIDES_AS_ARGUMENTS = (
 )
 
 
-def _looks_like_slide(csv: Path) -> bool:
-    """Whether ``csv`` is an image rather than a text table: a NUL byte near its start (TIFF,
-    JPEG, PNG, DICOM and CZI headers have them; text in any encoding but UTF-16 has none)."""
+def _table_text(csv: Path) -> str:
+    """The table's text, read once (so a pipe such as ``--slides <(...)`` works too).
+
+    A NUL byte near the start means an image (TIFF, JPEG, PNG, DICOM and CZI headers have
+    them; text in any encoding but UTF-16 has none): refused before reading on. A UTF-8
+    byte-order mark (Excel's 'CSV UTF-8') is dropped."""
     try:
         with open(csv, "rb") as f:
-            return b"\0" in f.read(4096)
-    except OSError:
-        return False
+            head = f.read(4096)
+            if b"\0" in head:
+                raise ConfigError(
+                    f"--slides {csv} looks like an image, not a slide table (a CSV)",
+                    SLIDES_AS_ARGUMENTS,
+                )
+            data = head + f.read()
+    except OSError as e:
+        raise ConfigError(f"cannot read slide table {csv}: {e.strerror or e}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"slide table {csv} is not UTF-8 text (byte {e.start})",
+            "save it as UTF-8 (in Excel: 'CSV UTF-8')",
+        ) from None
 
 
-def _check_field_counts(csv: Path) -> None:
+def _check_field_counts(csv: Path, text: str) -> None:
     """ConfigError naming the first row with more fields than the first row (pandas would
     shift the columns of a header table, or fail with a parser error). Fewer fields are
     fine: missing trailing values are empty."""
     import csv as csv_module
 
     try:
-        with open(csv, newline="", encoding="utf-8") as f:
-            rows = ((i, r) for i, r in enumerate(csv_module.reader(f), 1) if r)
-            first = next(rows, None)
-            for row_no, row in rows:
-                if first is not None and len(row) > len(first[1]):
-                    raise ConfigError(
-                        f"{csv} row {row_no}: {len(row)} fields where row {first[0]} has "
-                        f"{len(first[1])}",
-                        "remove the extra commas; quote values that contain commas",
-                    )
-    except (UnicodeDecodeError, csv_module.Error):
+        rows = ((i, r) for i, r in enumerate(csv_module.reader(io.StringIO(text)), 1) if r)
+        first = next(rows, None)
+        for row_no, row in rows:
+            if first is not None and len(row) > len(first[1]):
+                raise ConfigError(
+                    f"{csv} row {row_no}: {len(row)} fields where row {first[0]} has "
+                    f"{len(first[1])}",
+                    "remove the extra commas; quote values that contain commas",
+                )
+    except csv_module.Error:
         return  # reported by the pandas read below
 
 
 def _read_csv(csv: Path) -> list[SlideEntry]:
     if csv.is_dir():
         raise ConfigError(f"--slides {csv} is a folder, not a slide table", SLIDES_AS_ARGUMENTS)
-    if not csv.is_file():
+    if not csv.exists():
         raise ConfigError(f"slide table {csv} does not exist", "check the --slides path")
-    if _looks_like_slide(csv):
-        raise ConfigError(
-            f"--slides {csv} looks like an image, not a slide table (a CSV)", SLIDES_AS_ARGUMENTS
-        )
+    text = _table_text(csv)
     base = csv.parent
-    _check_field_counts(csv)
+    _check_field_counts(csv, text)
     try:
-        df = pd.read_csv(csv, dtype=str, keep_default_na=False)
+        df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
     except pd.errors.EmptyDataError:
         raise ConfigError(
             f"slide table {csv} is empty", f"write one row per slide: {TABLE_FORMS}"
-        ) from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(
-            f"slide table {csv} is not UTF-8 text (byte {e.start})",
-            "save it as UTF-8 (in Excel: 'CSV UTF-8')",
         ) from None
     except Exception as e:  # noqa: BLE001
         raise ConfigError(
@@ -169,7 +177,7 @@ def _read_csv(csv: Path) -> list[SlideEntry]:
         # Two columns filename,label: the seed's labels.csv (no header) or the same with a
         # header row of column names (see _is_two_column_header).
         try:
-            df = pd.read_csv(csv, dtype=str, keep_default_na=False, header=None)
+            df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, header=None)
         except Exception as e:  # noqa: BLE001
             raise ConfigError(
                 f"cannot read slide table {csv}: {e}", f"it must be a CSV with {TABLE_FORMS}"
