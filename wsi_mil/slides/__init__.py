@@ -7,7 +7,9 @@ file in priority order, or the one named by ``backend=``.
 
 from __future__ import annotations
 
+import math
 import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -83,6 +85,17 @@ def _open_slide(path: str | os.PathLike, backend: str | None, mpp: float | None)
             f"{p}: file not found",
             "check the path (relative paths in a slide table resolve against the CSV's folder)",
         )
+    if not (p.is_file() or p.is_dir()):
+        # a FIFO would block the first reader that opens it (OpenSlide's format sniffing) forever
+        raise SlideError(
+            f"{p}: not a regular file ({_file_kind(p)})",
+            "give the path of a slide file, or of a slide folder (OME-Zarr, MRXS)",
+        )
+    if mpp is not None and not (math.isfinite(float(mpp)) and float(mpp) > 0):
+        raise SlideError(
+            f"{p}: slide mpp override {mpp} is not a positive finite number",
+            "give the level-0 microns per pixel, e.g. --slide-mpp 0.25",
+        )
     if backend is not None and backend != "auto":
         if backend not in _REGISTRY:
             raise SlideError(
@@ -128,6 +141,23 @@ def _open_slide(path: str | os.PathLike, backend: str | None, mpp: float | None)
         + (" (a folder, but not an OME-Zarr image)" if p.is_dir() else ""),
         "supported: SVS/NDPI/MRXS/SCN/VMS/BIF, pyramidal TIFF/OME-TIFF, OME-Zarr, JPEG/PNG/BMP/TIFF",
     )
+
+
+def _file_kind(p: Path) -> str:
+    """What a path that is neither a regular file nor a folder is, in words."""
+    try:
+        mode = p.stat().st_mode
+    except OSError:
+        return "cannot stat it"
+    for test, name in (
+        (stat.S_ISFIFO, "a FIFO / named pipe"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return name
+    return "not a file or folder"
 
 
 def _short(e: BaseException) -> str:

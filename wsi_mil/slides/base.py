@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import collections
+import math
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
@@ -45,6 +46,11 @@ class Slide(abc.ABC):
 
     def __init__(self, path: str | Path, mpp: float | None = None) -> None:
         self.path = Path(path)
+        if mpp is not None and not (math.isfinite(float(mpp)) and float(mpp) > 0):
+            raise SlideError(
+                f"{self.path}: slide mpp override {mpp} is not a positive finite number",
+                "give the level-0 microns per pixel, e.g. --slide-mpp 0.25",
+            )
         self._mpp_override = mpp
         #: integer samples keep their top this-many bits when mapped to uint8; None: the
         #: file's own (OME SignificantBits), else the stored width (see set_significant_bits)
@@ -180,8 +186,9 @@ class Slide(abc.ABC):
         if not 0 <= level < self.level_count:
             from wsi_mil.errors import SlideError
 
+            n = self.level_count
             raise SlideError(
-                f"{self.path}: level {level} does not exist (slide has {self.level_count})",
+                f"{self.path}: level {level} does not exist (the slide has {n} level{'s' if n != 1 else ''})",
                 f"use a level in 0..{self.level_count - 1}",
             )
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+from typing import Any
 
 from wsi_mil.slides import open_slide
 
@@ -15,7 +17,19 @@ def slide_info(
     Raises :class:`wsi_mil.errors.SlideError` for a missing/unreadable/unsupported file.
     """
     with open_slide(path, backend=backend, mpp=mpp) as slide:
-        return slide.properties()
+        return _finite(slide.properties())
+
+
+def _finite(v: Any) -> Any:
+    """``v`` with every non-finite float (inf, nan) replaced by None, recursively: the result
+    is strict JSON (``json.dumps`` would write ``Infinity``/``NaN``, which JSON parsers reject)."""
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_finite(x) for x in v]
+    return v
 
 
 def format_info(info: dict) -> str:

@@ -69,7 +69,8 @@ def choose_level(
         lv = 0 if level is None else int(level)
         if not 0 <= lv < len(ds):
             raise ConfigError(
-                f"--level {lv} does not exist (the slide has {len(ds)} levels)",
+                f"--level {lv} does not exist (the slide has {len(ds)} "
+                f"level{'s' if len(ds) != 1 else ''})",
                 f"use a level in 0..{len(ds) - 1}",
             )
         return LevelChoice(lv, patch_px, patch_px, stride_px, ds[lv], ds[lv])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import warnings
 from collections.abc import Iterator, Sequence
@@ -34,7 +35,31 @@ UM_PER_UNIT = {
     "cm": 1e4,
     "meter": 1e6,
     "m": 1e6,
+    # OME UnitsLength symbols / UDUNITS names seen less often
+    "picometer": 1e-6,
+    "pm": 1e-6,
+    "decimeter": 1e5,
+    "dm": 1e5,
+    "inch": 25400.0,
+    "in": 25400.0,
+    "thou": 25.4,  # a thousandth of an inch
+    "mil": 25.4,
+    "foot": 304800.0,
+    "ft": 304800.0,
+    "point": 25400.0 / 72,
+    "pt": 25400.0 / 72,
 }
+
+#: Level-0 µm/px outside this range is taken as unknown (None), like a missing value: 1e-4
+#: µm (0.1 nm) is below electron-microscopy pixel sizes and 1e4 µm (1 cm) above any photo of a
+#: glass slide, so values beyond are metadata garbage (``MPP = 1e300``, 1 px per inch, a
+#: unit mix-up), and such a value would only make level choice by ``--mpp`` nonsense.
+MPP_RANGE = (1e-4, 1e4)
+
+#: A level's width and height must both be level 0's divided by one downsample, each rounded
+#: up or down, within this many level px: anything else is an anisotropic level (e.g. half as
+#: wide but a third as high) whose mean downsample would misplace level-0 coordinates.
+LEVEL_SIZE_TOLERANCE_PX = 1.5
 
 
 @contextlib.contextmanager
@@ -52,6 +77,31 @@ def quiet_readers():
             yield
     finally:
         lg.setLevel(old)
+
+
+def valid_mpp(v: Any) -> float | None:
+    """``v`` as a float if it is a usable µm/px (finite, within :data:`MPP_RANGE`), else None."""
+    try:
+        f = float(v)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return f if math.isfinite(f) and MPP_RANGE[0] <= f <= MPP_RANGE[1] else None
+
+
+def level_downsample_range(
+    level0: tuple[int, int], level: tuple[int, int], tol: float = LEVEL_SIZE_TOLERANCE_PX
+) -> tuple[float, float] | None:
+    """The downsamples ``ds`` for which both of ``level``'s (width, height) are within ``tol``
+    px of ``level0``'s divided by ``ds`` (as (lowest, highest)), or None when there is none:
+    the level is empty, or its x and y downsamples differ by more than rounding."""
+    lo, hi = 0.0, math.inf
+    for full, n in zip(level0, level, strict=True):
+        if n <= 0 or full <= 0:
+            return None
+        lo = max(lo, full / (n + tol))
+        if n > tol:
+            hi = min(hi, full / (n - tol))
+    return (lo, hi) if lo <= hi * (1 + 1e-9) else None
 
 
 def first_line(e: BaseException) -> str:
@@ -88,6 +138,18 @@ def to_uint8(a: np.ndarray, bits: int | None = None) -> np.ndarray:
         shift = max(0, nbits - 8)
         return np.clip(a.astype(np.int64) >> shift, 0, 255).astype(np.uint8)
     return np.clip(np.nan_to_num(a.astype(np.float32)) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def expand_low_bits(a: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 samples of ``bits`` < 8 significant bits (4-bit grey: 0..15) stretched to 0..255
+    (``round(v * 255 / (2**bits - 1))``: 4-bit ``v * 17``, 1-bit 0/255); else ``a`` as is.
+    Bool arrays (tifffile's bilevel images) are left to :func:`to_uint8`."""
+    if a.dtype != np.uint8 or not 1 <= bits < 8:
+        return a
+    top = (1 << bits) - 1
+    lut = np.full(256, 255, np.uint8)  # values above 2**bits - 1 (not in valid data): white
+    lut[: top + 1] = np.round(np.arange(top + 1) * (255.0 / top)).astype(np.uint8)
+    return lut[a]
 
 
 def tiff_alpha(extrasamples: Any) -> str | None:

@@ -26,6 +26,7 @@ from wsi_mil.errors import SlideError
 from wsi_mil.slides import register_backend
 from wsi_mil.slides.backends._util import (
     TIFF_SUFFIXES,
+    expand_low_bits,
     first_line,
     is_tiff_file,
     lower_name,
@@ -338,6 +339,8 @@ class ImageSlide(Slide):
         if a.ndim == 3 and a.shape[0] in (1, 3, 4) and a.shape[-1] not in (1, 3, 4):
             a = np.moveaxis(a, 0, -1)
         if a.dtype.itemsize == 1:  # 8-bit TIFFs Pillow cannot read: as before
+            if photometric != 3:  # 2-, 4-bit ... samples: 0..2**bits-1 -> 0..255
+                a = expand_low_bits(a, stored_bits)
             return to_rgb(to_uint8(a, self.significant_bits))
         alpha = tiff_alpha(extra) if spp >= 4 and photometric == 2 else None
         if alpha is not None and a.ndim == 3 and a.shape[2] > 4:

@@ -32,6 +32,7 @@ from wsi_mil.slides.backends._util import (
     quiet_readers,
     read_segments,
     to_rgb,
+    valid_mpp,
 )
 from wsi_mil.slides.base import Slide, TileGrid
 
@@ -68,6 +69,8 @@ class OpenSlideSlide(Slide):
 
     @classmethod
     def can_open(cls, path: Path) -> bool:
+        if not (path.is_file() or path.is_dir()):
+            return False  # OpenSlide's format sniffing blocks forever on a FIFO
         if lower_name(path).endswith(VENDOR_SUFFIXES):
             return True
         try:
@@ -81,6 +84,8 @@ class OpenSlideSlide(Slide):
         import openslide
 
         super().__init__(path, mpp)
+        if not (self.path.is_file() or self.path.is_dir()):
+            raise SlideError(f"{self.path}: not a regular file or folder", "give a slide's path")
         if self.path.is_file() and is_tiff_file(self.path):
             # OpenSlide opens truncated TIFFs lazily and fails only when a missing tile is read
             from wsi_mil.slides.backends.tiff_backend import check_tiff_extents
@@ -100,7 +105,8 @@ class OpenSlideSlide(Slide):
             ) from None
         props = self._os.properties
         self.vendor = props.get("openslide.vendor", "")
-        self._native_mpp = _float(props.get("openslide.mpp-x"))
+        # inf, nan, 0, 1e300 ... (e.g. an Aperio "MPP = inf"): unknown
+        self._native_mpp = valid_mpp(props.get("openslide.mpp-x"))
         self._dims = [(int(w), int(h)) for w, h in self._os.level_dimensions]
         self._ds = [float(d) for d in self._os.level_downsamples]
         # read once: after a read error OpenSlide's handle fails every later call, properties too
@@ -368,11 +374,3 @@ def _origins_exact(w: int, h: int, tile_w: int, tile_h: int, downsample: float) 
         if not np.array_equal(np.round(lx * downsample) / downsample, lx):
             return False
     return True
-
-
-def _float(v: str | None) -> float | None:
-    try:
-        f = float(v) if v is not None else None
-    except ValueError:
-        return None
-    return f if f and f > 0 else None

@@ -13,13 +13,20 @@ Pixels: 3-sample RGB/YCbCr as is; grayscale replicated; palette through its colo
 alpha composited over white; channels stored as separate grayscale pages (OME / ImageJ
 ``CYX``, ``TCZYX``, ...): channels 0, 1, 2 of the first time point and z-plane as RGB when
 there are at least 3, else channel 0 as gray. Samples wider than 8 bits keep their top 8
-significant bits (OME ``SignificantBits``, else BitsPerSample).
+significant bits (OME ``SignificantBits``, else BitsPerSample); grey/RGB samples narrower than
+8 bits (2-, 4-bit) are stretched to 0..255 (palette indices are not). mpp outside
+``_util.MPP_RANGE`` (inf, nan, 0, 1e300) is unknown.
+
+Levels: a level whose width and height are not level 0's divided by one downsample (within
+rounding, ``_util.level_downsample_range``), e.g. half as wide but a third as high, is dropped
+(logged at debug level). The TIFF Orientation tag is ignored, as OpenSlide does.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import os
 import re
 import threading
@@ -36,16 +43,21 @@ from wsi_mil.slides import register_backend
 from wsi_mil.slides.backends._util import (
     OME_TIFF_SUFFIXES,
     UM_PER_UNIT,
+    expand_low_bits,
     first_line,
     is_tiff_file,
+    level_downsample_range,
     lower_name,
     quiet_readers,
     read_segments,
     tiff_alpha,
     to_rgb,
     to_uint8,
+    valid_mpp,
 )
 from wsi_mil.slides.base import PAD_VALUE, Slide, TileGrid
+
+log = logging.getLogger(__name__)
 
 # OpenSlide vendors whose files are TIFFs but carry vendor-specific layout/metadata:
 # those are left to the openslide backend.
@@ -254,6 +266,8 @@ class TiffSlide(Slide):
         for level in sorted(found, key=lambda lv: -lv.width):
             if levels and (level.width >= levels[-1].width or level.height >= levels[-1].height):
                 continue  # not a reduced level (e.g. a stray same-size page)
+            if levels and not _consistent_level(self.path, levels[0], level):
+                continue  # anisotropic: no one downsample maps it to level 0
             levels.append(level)
         return levels
 
@@ -371,21 +385,18 @@ class TiffSlide(Slide):
     def _find_mpp(self, series: Any) -> float | None:
         tf = self._tf
         if tf.is_ome and tf.ome_metadata:
-            mpp = _ome_mpp(tf.ome_metadata, self._series_index)
+            mpp = _ome_mpp(tf.ome_metadata, self._series_index, self.path)
             if mpp is not None:
                 return mpp
         page0 = self._levels[0].pages[0]
         desc = page0.description or ""
         m = re.search(r"\bMPP\s*=\s*([0-9.eE+-]+)", desc)
-        if m:
-            with contextlib.suppress(ValueError):
-                v = float(m.group(1))
-                if v > 0:
-                    return v
+        if m and (v := valid_mpp(m.group(1))) is not None:
+            return v
         unit = None
         if tf.is_imagej:  # Fiji/ImageJ: ResolutionUnit none, the unit in the description
             unit = UM_PER_UNIT.get(str((tf.imagej_metadata or {}).get("unit", "")).strip())
-        return _resolution_mpp(page0, unit)
+        return valid_mpp(_resolution_mpp(page0, unit))
 
     # -- Slide API -----------------------------------------------------------
     @property
@@ -514,6 +525,8 @@ class TiffSlide(Slide):
             arr = np.stack(planes, axis=-1)
         else:
             arr = self._decode_segment(lv.pages[0], seg, lv)
+        if lv.bits < 8 and lv.photometric != 3:  # 2-, 4-bit ... grey/RGB: 0..2**bits-1 -> 0..255
+            arr = expand_low_bits(arr, lv.bits)
         arr = to_uint8(arr, lv.bits if lv.bits >= 8 else None)
         if lv.photometric == 0:  # MinIsWhite
             arr = 255 - arr
@@ -614,21 +627,57 @@ def _ome_pixels(xml: str, series_index: int) -> Any:
     return None
 
 
-def _ome_mpp(xml: str, series_index: int) -> float | None:
-    """PhysicalSizeX (converted to µm) of the ``series_index``-th OME Image, or None."""
+def _consistent_level(path: Path, base: _Level, level: _Level) -> bool:
+    """Whether ``level`` is ``base`` (level 0) reduced by one downsample in x and y (within
+    rounding); logs why not at debug level."""
+    if level_downsample_range((base.width, base.height), (level.width, level.height)):
+        return True
+    log.debug(
+        "%s: dropped pyramid level %d x %d px: its x downsample %.4g and y downsample %.4g "
+        "(from level 0's %d x %d) differ by more than rounding",
+        path,
+        level.width,
+        level.height,
+        base.width / max(level.width, 1),
+        base.height / max(level.height, 1),
+        base.width,
+        base.height,
+    )
+    return False
+
+
+def _ome_physical_size(el: Any, axis: str) -> float | None:
+    """OME ``PhysicalSize{axis}`` (converted to µm) of a Pixels element: None when absent, in
+    an unknown unit, or not a usable value (:func:`valid_mpp`: inf, nan, 0, 1e300, ...)."""
+    size = el.get(f"PhysicalSize{axis}")
+    factor = UM_PER_UNIT.get(el.get(f"PhysicalSize{axis}Unit", "µm"))
+    if size is None or factor is None:
+        return None
+    try:
+        return valid_mpp(float(size) * factor)
+    except (ValueError, OverflowError):
+        return None
+
+
+def _ome_mpp(xml: str, series_index: int, path: Path | None = None) -> float | None:
+    """PhysicalSizeX (converted to µm) of the ``series_index``-th OME Image, or None.
+
+    Non-square pixels (PhysicalSizeY differs): a warning, and X is kept, as OpenSlide's
+    ``mpp-x`` is what the other backends report and level choice uses one mpp per slide."""
     el = _ome_pixels(xml, series_index)
     if el is None:
         return None
-    size = el.get("PhysicalSizeX")
-    if size is None:
-        return None
-    unit = el.get("PhysicalSizeXUnit", "µm")
-    factor = UM_PER_UNIT.get(unit)
-    try:
-        v = float(size) * factor if factor is not None else None
-    except ValueError:
-        return None
-    return v if v and v > 0 else None
+    x = _ome_physical_size(el, "X")
+    y = _ome_physical_size(el, "Y")
+    if x is not None and y is not None and abs(x - y) > 1e-3 * max(x, y):
+        log.warning(
+            "%s: OME pixels are not square (PhysicalSizeX %.6g µm, PhysicalSizeY %.6g µm): "
+            "using X as the slide's µm/px",
+            path,
+            x,
+            y,
+        )
+    return x
 
 
 def _ome_significant_bits(xml: str, series_index: int) -> int | None:

@@ -7,10 +7,15 @@ order (``c,y,x``, ``t,c,z,y,x``, ...) and also the non-standard ``y,x,c``; t/z t
 Channels: 3 or more -> channels 0, 1, 2 as RGB (a 4th, e.g. alpha, is ignored); 1 or 2
 -> channel 0 as gray, replicated. Samples wider than 8 bits keep their top 8 bits (uint16:
 ``>> 8``; floats are taken as 0..1). A bioformats2raw layout (image in ``0/``) is followed.
+Empty (zero-size) levels and levels whose x and y downsamples differ beyond rounding are
+dropped (an empty level 0 is an error); an mpp outside ``_util.MPP_RANGE`` is unknown.
+Malformed metadata is a :class:`SlideError` naming the key and what was expected.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +26,15 @@ from wsi_mil.slides import register_backend
 from wsi_mil.slides.backends._util import (
     UM_PER_UNIT,
     first_line,
+    level_downsample_range,
     lower_name,
     to_rgb,
     to_uint8,
+    valid_mpp,
 )
 from wsi_mil.slides.base import Slide, TileGrid
+
+log = logging.getLogger(__name__)
 
 _ZARR_MARKERS = ("zarr.json", ".zgroup", ".zattrs", ".zarray")
 
@@ -62,19 +71,20 @@ class ZarrSlide(Slide):
                 f"{self.path}: not a readable zarr group ({first_line(e)})",
                 "an OME-Zarr image is a folder with zarr.json (zarr v3) or .zgroup/.zattrs (zarr v2)",
             ) from None
-        group, ms, self.ngff_version = _find_multiscales(root)
+        group, ms, self.ngff_version, key = _find_multiscales(root, self.path)
         if ms is None:
             raise SlideError(
                 f"{self.path}: zarr group has no OME-NGFF 'multiscales' metadata (empty or not an OME-Zarr image)",
                 "write it with an NGFF writer (ome-zarr, bioformats2raw, `wsi-mil synth --format ome-zarr`)",
             )
-        self._axes = _axis_names(ms.get("axes"), self.path)
+        self._axes = _axis_names(ms.get("axes"), self.path, key)
         for a in ("y", "x"):
             if a not in self._axes:
                 raise SlideError(f"{self.path}: multiscales axes {self._axes} have no {a!r} axis")
         datasets = ms.get("datasets") or []
         if not datasets:
             raise SlideError(f"{self.path}: multiscales has no datasets (no pyramid levels)")
+        _check_datasets(datasets, self.path, key)
         self._arrays: list[Any] = []
         for ds in datasets:
             try:
@@ -90,14 +100,37 @@ class ZarrSlide(Slide):
             self._arrays.append(arr)
         self._yi, self._xi = self._axes.index("y"), self._axes.index("x")
         self._ci = self._axes.index("c") if "c" in self._axes else None
+        if 0 in self._arrays[0].shape:
+            raise SlideError(
+                f"{self.path}: the image is empty (level 0 array {datasets[0]['path']!r} has "
+                f"shape {tuple(self._arrays[0].shape)}, axes {self._axes})",
+                "the file was written without pixels, or the writer failed",
+            )
         dims = [(int(a.shape[self._xi]), int(a.shape[self._yi])) for a in self._arrays]
-        # keep strictly shrinking levels only
+        # keep strictly shrinking levels only, not empty, with one downsample in x and y
         self._levels = [0]
         for i in range(1, len(dims)):
+            why = None
+            if 0 in self._arrays[i].shape:
+                why = f"it is empty (shape {tuple(self._arrays[i].shape)})"
+            elif not level_downsample_range(dims[0], dims[i]):
+                why = (
+                    f"its x downsample {dims[0][0] / dims[i][0]:.4g} and y downsample "
+                    f"{dims[0][1] / dims[i][1]:.4g} differ by more than rounding"
+                )
+            if why is not None:
+                log.debug(
+                    "%s: dropped level array %r (%d x %d px): %s",
+                    self.path,
+                    datasets[i]["path"],
+                    *dims[i],
+                    why,
+                )
+                continue
             if dims[i][0] < dims[self._levels[-1]][0] or dims[i][1] < dims[self._levels[-1]][1]:
                 self._levels.append(i)
         self._dims = [dims[i] for i in self._levels]
-        self._native_mpp = _ngff_mpp(ms, datasets[0], self._axes)
+        self._native_mpp = _ngff_mpp(ms, datasets[0], self._axes, self.path, key)
         n_c = int(self._arrays[0].shape[self._ci]) if self._ci is not None else 1
         self._channels: list[int] = [0, 1, 2] if n_c >= 3 else [0]
 
@@ -148,19 +181,60 @@ class ZarrSlide(Slide):
             self._store = None
 
 
-def _find_multiscales(root: Any) -> tuple[Any, dict | None, str | None]:
-    """(group holding the image, its first multiscales entry, NGFF version) or (root, None, None)."""
+def _find_multiscales(root: Any, path: Path) -> tuple[Any, dict | None, str | None, str]:
+    """(group holding the image, its first multiscales entry, NGFF version, the entry's
+    metadata key for messages) or (root, None, None, "").
+
+    Raises :class:`SlideError` naming the key when ``multiscales`` is not a list of objects."""
     for group in _candidate_groups(root):
         attrs = dict(group.attrs)
         if "ome" in attrs and isinstance(attrs["ome"], dict):
             ome = attrs["ome"]
             ms = ome.get("multiscales")
             if ms:
-                return group, ms[0], str(ome.get("version", "0.5"))
+                return (
+                    group,
+                    _first_multiscale(ms, "ome.multiscales", path),
+                    str(ome.get("version", "0.5")),
+                    "ome.multiscales[0]",
+                )
         ms = attrs.get("multiscales")
         if ms:
-            return group, ms[0], str(ms[0].get("version", "0.4"))
-    return root, None, None
+            first = _first_multiscale(ms, "multiscales", path)
+            return group, first, str(first.get("version", "0.4")), "multiscales[0]"
+    return root, None, None, ""
+
+
+def _bad_metadata(path: Path, key: str, got: Any, expected: str) -> SlideError:
+    """The error for NGFF metadata ``key`` holding ``got`` where ``expected`` belongs."""
+    shown = repr(got)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    return SlideError(
+        f"{path}: bad OME-NGFF metadata: {key!r} is {type(got).__name__} {shown}, expected {expected}",
+        "fix or rewrite the image's metadata with an NGFF writer (see ngff.openmicroscopy.org)",
+    )
+
+
+def _first_multiscale(ms: Any, key: str, path: Path) -> dict:
+    if not isinstance(ms, list):
+        raise _bad_metadata(path, key, ms, "a list of multiscale objects (one per image)")
+    if not isinstance(ms[0], dict):
+        raise _bad_metadata(path, f"{key}[0]", ms[0], "an object with 'axes' and 'datasets'")
+    return ms[0]
+
+
+def _check_datasets(datasets: Any, path: Path, key: str) -> None:
+    """Raise :class:`SlideError` unless ``datasets`` is a list of objects with a string ``path``."""
+    if not isinstance(datasets, list):
+        raise _bad_metadata(path, f"{key}.datasets", datasets, "a list of {'path': ...} objects")
+    for i, ds in enumerate(datasets):
+        if not isinstance(ds, dict) or not isinstance(ds.get("path"), str):
+            raise _bad_metadata(
+                path,
+                f"{key}.datasets[{i}]",
+                ds,
+                "an object with a string 'path' (the level's array)",
+            )
 
 
 def _candidate_groups(root: Any) -> list[Any]:
@@ -174,9 +248,18 @@ def _candidate_groups(root: Any) -> list[Any]:
     return out
 
 
-def _axis_names(axes: Any, path: Path) -> list[str]:
+def _axis_names(axes: Any, path: Path, key: str = "multiscales[0]") -> list[str]:
     if axes is None:  # NGFF <= 0.3 without axes: 5D tczyx
         return list("tczyx")
+    if not isinstance(axes, list):
+        raise _bad_metadata(
+            path, f"{key}.axes", axes, "a list of axis names or {'name': ...} objects"
+        )
+    for i, a in enumerate(axes):
+        if not (isinstance(a, str) or (isinstance(a, dict) and isinstance(a.get("name"), str))):
+            raise _bad_metadata(
+                path, f"{key}.axes[{i}]", a, "an axis name or a {'name': ...} object"
+            )
     names = [str(a.get("name") if isinstance(a, dict) else a).lower() for a in axes]
     # NGFF names the channel axis by its type; "c" is only the usual name ("channel", "ch")
     typed = [i for i, a in enumerate(axes) if isinstance(a, dict) and a.get("type") == "channel"]
@@ -185,23 +268,61 @@ def _axis_names(axes: Any, path: Path) -> list[str]:
     return names
 
 
-def _ngff_mpp(ms: dict, ds0: dict, axes: list[str]) -> float | None:
-    """Level-0 µm/px along x, or None when the x axis has no (known) unit."""
+def _ngff_mpp(
+    ms: dict, ds0: dict, axes: list[str], path: Path, ms_key: str = "multiscales[0]"
+) -> float | None:
+    """Level-0 µm/px along x, or None when the x axis has no (known) unit or the scale is not
+    a usable value (:func:`valid_mpp`: inf, nan, 0, 1e300, ...).
+
+    Non-square pixels (y scale differs): a warning, and x is kept, like the tiff backend."""
     ax = ms.get("axes") or []
-    xi = axes.index("x")
-    unit = ax[xi].get("unit") if xi < len(ax) and isinstance(ax[xi], dict) else None
-    if unit is None or unit not in UM_PER_UNIT:
+    xi, yi = axes.index("x"), axes.index("y")
+    units = [
+        ax[i].get("unit") if i < len(ax) and isinstance(ax[i], dict) else None for i in (xi, yi)
+    ]
+    if units[0] is None or units[0] not in UM_PER_UNIT:
         return None
-    scale = 1.0
+    scale = [1.0, 1.0]  # x, y
     found = False
-    for transforms in (
-        ds0.get("coordinateTransformations") or [],
-        ms.get("coordinateTransformations") or [],
+    for key, transforms in (
+        (f"{ms_key}.datasets[0].coordinateTransformations", ds0.get("coordinateTransformations")),
+        (f"{ms_key}.coordinateTransformations", ms.get("coordinateTransformations")),
     ):
-        for t in transforms:
-            if t.get("type") == "scale" and "scale" in t:
-                scale *= float(t["scale"][xi])
-                found = True
-    if not found or scale <= 0:
+        if transforms is None:
+            continue
+        if not isinstance(transforms, list):
+            raise _bad_metadata(path, key, transforms, "a list of transformation objects")
+        for j, t in enumerate(transforms):
+            if not isinstance(t, dict):
+                raise _bad_metadata(path, f"{key}[{j}]", t, "a {'type': ...} object")
+            if t.get("type") != "scale" or "scale" not in t:
+                continue
+            s = t["scale"]
+            if not isinstance(s, list) or len(s) != len(axes):
+                raise _bad_metadata(
+                    path,
+                    f"{key}[{j}].scale",
+                    s,
+                    f"a list of {len(axes)} numbers, one per axis {axes}",
+                )
+            try:
+                scale = [scale[0] * float(s[xi]), scale[1] * float(s[yi])]
+            except (TypeError, ValueError):
+                raise _bad_metadata(
+                    path, f"{key}[{j}].scale", s, f"numbers, one per axis {axes}"
+                ) from None
+            found = True
+    if not found:
         return None
-    return scale * UM_PER_UNIT[unit]
+    x = valid_mpp(scale[0] * UM_PER_UNIT[units[0]])
+    y_unit = UM_PER_UNIT.get(units[1]) if units[1] is not None else None
+    y = valid_mpp(scale[1] * y_unit) if y_unit is not None else None
+    if x is not None and y is not None and not math.isclose(x, y, rel_tol=1e-3):
+        log.warning(
+            "%s: OME-Zarr pixels are not square (x %.6g µm, y %.6g µm): "
+            "using x as the slide's µm/px",
+            path,
+            x,
+            y,
+        )
+    return x
