@@ -114,6 +114,37 @@ def run_dir(config_path: str | os.PathLike, stage: str = "train") -> Path:
     return Path(resolve_options(stage, config_path).get("run") or "runs/default")
 
 
+#: options that say how a stage runs, not what it writes (the Snakefile gives per-slide jobs
+#: their own --slides/--shard/--workers): left out of :func:`stage_params`
+RUN_CONTROL_OPTIONS = frozenset(
+    {"config", "debug", "quiet", "verbose", "workers", "processes", "shard", "slides_csv"}
+    | {"slide_paths", "slides"}
+)
+
+
+def stage_params(stage: str, config_path: str | os.PathLike, drop: Sequence[str] = ()) -> str:
+    """A stage's resolved options (but :data:`RUN_CONTROL_OPTIONS` and ``drop``) as one
+    canonical string: the Snakefile's rule params, so that Snakemake's ``params`` rerun
+    trigger reruns a stage's jobs when an option that can change its outputs is edited."""
+    import json
+
+    opts = resolve_options(stage, config_path)
+    keep = {k: v for k, v in opts.items() if k not in RUN_CONTROL_OPTIONS and k not in drop}
+    return json.dumps(keep, sort_keys=True, default=str)
+
+
+def labels_digest(entries: Sequence[Any]) -> str:
+    """Digest of the (slide_id, label, split) rows of slide-table ``entries``: a Snakefile
+    param, so that editing a label or a split reruns the jobs that use them."""
+    import hashlib
+    import json
+
+    rows = sorted(
+        [e.slide_id, None if e.label is None else int(e.label), e.split or ""] for e in entries
+    )
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
+
+
 def single_slide_table(entry: Any, folder: str | os.PathLike) -> Path:
     """Write (if changed) ``folder/<slide_id>.csv``: a one-row slide table with an absolute path.
 
@@ -262,9 +293,17 @@ def stage_args(
     ``run:``), since retraining by itself would throw away a model without being asked.
     """
     args = [*global_args, stage, "--config", str(config_path)]
-    if stage == "train" and not {"resume", "overwrite"} & set(load_config_file(config_path, stage)):
+    if stage == "train" and train_resumes(config_path):
         args.append("--resume")
     return args
+
+
+def train_resumes(config_path: str | os.PathLike) -> bool:
+    """Whether ``wsi-mil run`` and the Snakefile add ``--resume`` to ``train``: yes unless the
+    config's train options set ``overwrite: true`` (start afresh, for one run: a typed
+    ``--resume`` would beat it) or ``resume: false``."""
+    opts = load_config_file(config_path, "train")
+    return not (opts.get("overwrite") or ("resume" in opts and not opts["resume"]))
 
 
 def invoke_stage(

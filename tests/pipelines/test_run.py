@@ -222,3 +222,50 @@ def test_rerun_after_retiling_does_not_keep_the_stale_model(cli, workdir):
         "predict": "up to date",
     }, r.stdout
     assert (run / "checkpoints" / "best.pt").read_bytes() == best
+
+
+def test_train_resumes_unless_overwrite_true_or_resume_false(tmp_path):
+    """The one rule `wsi-mil run`, the Snakefile and train.sbatch share for adding --resume."""
+    from wsi_mil.workflow import train_resumes
+
+    for text, want in (
+        ("", True),
+        ("train:\n  resume: true\n", True),
+        ("train:\n  overwrite: false\n", True),
+        ("resume: false\n", False),
+        ("train:\n  resume: false\n", False),
+        ("overwrite: true\n", False),
+        ("train:\n  overwrite: true\n  resume: true\n", False),
+        ("tile:\n  overwrite: true\n", True),  # another stage's overwrite
+    ):
+        assert train_resumes(_cfg(tmp_path, f"slides: s.csv\n{text}")) is want, text
+
+
+def test_stage_params_leave_out_how_a_job_runs(tmp_path):
+    """Snakemake's params: an option that can change outputs changes them, workers do not."""
+    from wsi_mil.workflow import stage_params
+
+    base = "slides: s.csv\nwork: W\ntile:\n  patch-size: 64\n  workers: 2\n"
+    p = stage_params("tile", _cfg(tmp_path, base))
+    assert '"patch_size": 64' in p and "workers" not in p and "slides_csv" not in p
+    assert stage_params("tile", _cfg(tmp_path, base.replace("workers: 2", "workers: 8"))) == p
+    assert stage_params("tile", _cfg(tmp_path, base.replace("64", "48"))) != p
+    train = _cfg(tmp_path, "slides: s.csv\ntrain:\n  epochs: 3\n  resume: true\n")
+    assert stage_params("train", train, drop=("resume",)) != stage_params("train", train)
+    assert '"epochs": 3' in stage_params("train", train)
+
+
+def test_labels_digest_follows_labels_and_splits(tmp_path):
+    """A Snakefile param of train and predict: editing a label or a split reruns them (train
+    itself then refuses to resume a run trained on other labels)."""
+    from wsi_mil.workflow import labels_digest
+
+    table = tmp_path / "slides.csv"
+    table.write_text("slide_id,path,label,split\na,a.tif,0,train\nb,b.tif,1,val\n")
+    before = labels_digest(read_slide_table(table))
+    table.write_text("slide_id,path,label,split\nb,b.tif,1,val\na,a.tif,0,train\n")
+    assert labels_digest(read_slide_table(table)) == before  # row order is no change
+    table.write_text("slide_id,path,label,split\na,a.tif,1,train\nb,b.tif,1,val\n")
+    assert labels_digest(read_slide_table(table)) != before
+    table.write_text("slide_id,path,label,split\na,a.tif,0,val\nb,b.tif,1,val\n")
+    assert labels_digest(read_slide_table(table)) != before
