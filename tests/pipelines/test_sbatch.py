@@ -50,23 +50,28 @@ def _fake_sbatch(tmp_path: Path) -> Path:
     return bindir
 
 
-@pytest.mark.parametrize("mode", ["cached", "e2e"])
-def test_submit_chains_jobs_with_dependencies(tmp_path, mode):
+def _submit(tmp_path, config_text, *args):
+    """Run submit.sh on a config with the fake sbatch: [(job id, sbatch arguments)]."""
     bindir = _fake_sbatch(tmp_path)
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"slides: s.csv\ntrain:\n  mode: {mode}\n")
+    cfg.write_text(config_text)
     log = tmp_path / "sbatch.log"
     env = {**pipeline_env(), "SBATCH_LOG": str(log), "PYTHON": sys.executable}
     env["PATH"] = f"{bindir}{os.pathsep}{env['PATH']}"
     r = subprocess.run(
-        ["bash", str(SLURM / "submit.sh"), str(cfg), "6", "3"],
+        ["bash", str(SLURM / "submit.sh"), str(cfg), *args],
         cwd=tmp_path,
         env=env,
         capture_output=True,
         text=True,
     )
     assert r.returncode == 0, r.stderr
-    jobs = [ln.split(" ", 1) for ln in log.read_text().splitlines()]
+    return [ln.split(" ", 1) for ln in log.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("mode", ["cached", "e2e"])
+def test_submit_chains_jobs_with_dependencies(tmp_path, mode):
+    jobs = _submit(tmp_path, f"slides: s.csv\ntrain:\n  mode: {mode}\n", "6", "3")
     scripts = [Path(args.split()[-2]).name for _, args in jobs]
     if mode == "cached":
         assert scripts == ["tile.sbatch", "extract.sbatch", "train.sbatch", "predict.sbatch"]
@@ -190,20 +195,6 @@ def test_train_template_resumes_and_shares_the_cpus(tmp_path):
 
 
 def test_submit_makes_the_slides_of_a_synth_config_first(tmp_path):
-    bindir = _fake_sbatch(tmp_path)
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text("slides: s/slides.csv\nsynth:\n  out: s\n  n-slides: 2\n")
-    log = tmp_path / "sbatch.log"
-    env = {**pipeline_env(), "SBATCH_LOG": str(log), "PYTHON": sys.executable}
-    env["PATH"] = f"{bindir}{os.pathsep}{env['PATH']}"
-    r = subprocess.run(
-        ["bash", str(SLURM / "submit.sh"), str(cfg), "2", "2"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert r.returncode == 0, r.stderr
-    jobs = [ln.split(" ", 1) for ln in log.read_text().splitlines()]
+    jobs = _submit(tmp_path, "slides: s/slides.csv\nsynth:\n  out: s\n  n-slides: 2\n", "2", "2")
     assert [Path(a.split()[-2]).name for _, a in jobs][:2] == ["synth.sbatch", "tile.sbatch"]
     assert f"--dependency=afterok:{jobs[0][0]}" in jobs[1][1]
