@@ -237,7 +237,7 @@ def test_large_patches_get_fewer_patches_per_chunk(tmp_path, backend_slides):
     assert (chunk_patches(296), chunk_patches(1024), chunk_patches(12_000)) == (63, 5, 1)
     path, backend = backend_slides["tiff-ome"]
     store = _tile(tmp_path, path, backend, patch_size=600, stride=100)
-    assert len(store) == 48 and store.attrs["params"]["chunk_patches"] == 15
+    assert len(store) == 48 and store.attrs["params"]["chunk_patches"] == CHUNK_PATCHES  # digest
     assert len(list((store.path / "pixels").glob("c.*"))) == 4  # 48 patches in chunks of 15
     with open_slide(path, backend=backend) as slide:
         ref = read_patches_from_slide(slide, store.coords, 0, 600, 600)

@@ -355,23 +355,27 @@ def test_clam_h5_follows_the_store(tmp_path, cli, make_slide):
 
 
 def test_mpp_that_makes_one_patch_larger_than_the_slide_fails_the_slide(tmp_path, cli):
-    """A small image at a large --mpp (or a wrong recorded mpp) would read one window of
-    gigabytes per patch: the slide fails with the largest sensible --mpp, the others finish."""
+    """A small image at a huge --mpp (or a wrong recorded mpp) would read a window of
+    gigabytes for one patch: the slide fails with the largest --mpp at which one patch
+    covers it, the others finish. A patch somewhat larger than a small image is fine."""
     from slide_factory import test_image
 
     small = make_pyramidal_tiff(tmp_path / "small.tiff", test_image(300, 200, seed=1), mpp=0.5)
     big = make_pyramidal_tiff(tmp_path / "big.tiff", test_image(1200, 1000, seed=2), mpp=0.5)
     args = ("-q", "tile", str(small), str(big), "-w", "W", "--tissue", "none", "--patch-size", "64")
-    r = cli(*args, "--mpp", "4", cwd=tmp_path)  # 64 px patches of 512 level-0 px
+    r = cli(*args, "--mpp", "2000", cwd=tmp_path)  # 64 px patches of 256,000 level-0 px
     assert r.returncode == 1 and "Traceback" not in r.stderr
-    (row,) = list(csv.DictReader(open(tmp_path / "W" / "failures.csv")))
-    assert row["slide_id"] == "small"
-    assert "spans 512 level-0 px, more than the whole slide (200 x 300 px" in row["reason"]
-    assert "use --mpp 2.34 or less" in row["reason"]  # 64 px * 2.34 / 0.5 = 300 px
-    assert len(PatchStore.open(tmp_path / "W" / "patches" / "big.zarr")) == 3 * 2
-    r = cli(*args, "--mpp", "2.34", cwd=tmp_path)
+    rows = {
+        r_["slide_id"]: r_["reason"] for r_ in csv.DictReader(open(tmp_path / "W" / "failures.csv"))
+    }
+    assert set(rows) == {"small", "big"}
+    assert "spans 256,000 level-0 px, more than the whole slide (200 x 300 px" in rows["small"]
+    assert "use --mpp 2.34 or less" in rows["small"]  # 64 px * 2.34 / 0.5 <= 300 px
+    assert "use --mpp 9.37 or less" in rows["big"]  # rounded down: 9.375 would not fit
+    r = cli(*args, "--mpp", "4", "--overwrite", cwd=tmp_path)  # 512 level-0 px: padded patches
     assert r.returncode == 0, r.stderr
     assert len(PatchStore.open(tmp_path / "W" / "patches" / "small.zarr")) == 1
+    assert len(PatchStore.open(tmp_path / "W" / "patches" / "big.zarr")) == 3 * 2
 
 
 @pytest.mark.parametrize(

@@ -68,12 +68,20 @@ TILING_VERSION = 1
 TISSUE_SCORES = 2
 #: largest enlargement of patches asked for at an --mpp finer than level 0's
 MAX_UPSAMPLE = 8
+#: largest window read for one patch (before it is shrunk) that may exceed the whole slide
+MAX_WINDOW_BYTES = 1 << 30
 #: patches per zarr chunk of ``pixels`` (each written as one file, in parallel)
 CHUNK_PATCHES = 64
 #: raw bytes of one chunk of ``pixels`` at most: fewer patches per chunk for large patches
 #: (a chunk is one file, and a few are held in memory while tiling; 64 patches of 12,000 px
 #: would be 27 GB). Patches up to 295 px keep CHUNK_PATCHES.
 CHUNK_BYTES = 16 << 20
+
+
+def round_down(x: float, digits: int = 3) -> float:
+    """``x`` > 0 rounded down to ``digits`` significant digits (a bound that still holds)."""
+    step = 10 ** (math.floor(math.log10(x)) - digits + 1)
+    return math.floor(x / step) * step
 
 
 def chunk_patches(patch_px: int) -> int:
@@ -159,7 +167,9 @@ def tiling_params(cfg: TileConfig) -> dict[str, Any]:
         "pixels": cfg.pixels,
         "compression": cfg.compression if cfg.pixels else None,
         "backend": cfg.backend,
-        "chunk_patches": chunk_patches(cfg.patch_size),
+        # the chunking of patches up to 295 px; larger patches get fewer per chunk
+        # (chunk_patches()), which leaves their pixels and so the digest as they were
+        "chunk_patches": CHUNK_PATCHES,
     }
 
 
@@ -351,11 +361,15 @@ def _build_store(
         mpp_tolerance=cfg.mpp_tolerance,
     )
     lw, lh = slide.level_dimensions[choice.level]
-    if choice.patch_px_level > max(lw, lh, choice.patch_px):
+    if (
+        choice.patch_px_level > max(lw, lh, choice.patch_px)
+        and 3 * choice.patch_px_level**2 > MAX_WINDOW_BYTES
+    ):
         # one patch would hold the whole slide, mostly white, and reading its window at
-        # the level (before shrinking it) would take patch_px_level^2 * 3 bytes: gigabytes
-        # for a small image at a large --mpp, or a slide whose mpp is recorded wrongly
-        whole_mpp = slide.mpp * max(w0, h0) / cfg.patch_size
+        # the level (before shrinking it) would take gigabytes: a small image at a large
+        # --mpp, or a slide whose mpp is recorded wrongly (a patch somewhat larger than a
+        # small image is fine: one padded patch, as for a TMA core)
+        whole_mpp = round_down(slide.mpp * max(w0, h0) / cfg.patch_size)
         raise SlideError(
             f"{path}: at --mpp {cfg.mpp:g} one {cfg.patch_size} px patch spans "
             f"{choice.patch_px_level0:,.0f} level-0 px, more than the whole slide "
