@@ -203,6 +203,47 @@ def test_a_table_from_a_pipe_is_read_once(tmp_path):
     es = read_slide_table(fifo)
     writer.join()
     assert [(e.slide_id, e.label) for e in es] == [("s0", 0), ("s1", 1), ("s2", 0)]
+    assert read_slide_table(fifo) == es  # read twice (heatmap does): the same rows
+
+
+def test_relative_paths_of_a_piped_table_are_relative_to_the_current_folder(tmp_path, monkeypatch):
+    import os
+    import threading
+
+    fifo = tmp_path / "p"
+    os.mkfifo(fifo)
+    monkeypatch.chdir(tmp_path)
+    writer = threading.Thread(target=fifo.write_text, args=("slide_id,path\na,d/a.svs\n",))
+    writer.start()
+    (e,) = read_slide_table(fifo)
+    writer.join()
+    assert e.path == tmp_path / "d" / "a.svs"
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".bz2", ".xz", ".zip"])
+def test_compressed_tables_are_read_as_pandas_did(tmp_path, suffix):
+    import bz2
+    import gzip
+    import lzma
+    import zipfile
+
+    body = b"slide_id,path,label\na,a.svs,1\n"
+    csv = tmp_path / f"t.csv{suffix}"
+    if suffix == ".zip":
+        with zipfile.ZipFile(csv, "w") as z:
+            z.writestr("t.csv", body)
+    else:
+        csv.write_bytes({".gz": gzip, ".bz2": bz2, ".xz": lzma}[suffix].compress(body))
+    (e,) = read_slide_table(csv)
+    assert (e.slide_id, e.path, e.label) == ("a", tmp_path / "a.svs", 1)
+
+
+def test_utf16_tables_are_told_to_be_saved_as_utf8(tmp_path):
+    csv = tmp_path / "t.csv"
+    csv.write_text("slide_id,path\na,a.svs\n", encoding="utf-16")
+    with pytest.raises(ConfigError, match="is not UTF-8 text") as e:
+        read_slide_table(csv)
+    assert "save it as UTF-8" in e.value.hint
 
 
 def test_a_utf8_byte_order_mark_is_dropped(tmp_path):

@@ -107,30 +107,92 @@ SLIDES_AS_ARGUMENTS = (
 )
 
 
+#: slide tables larger than this are refused (a million slides take ~100 MB)
+MAX_TABLE_BYTES = 512 << 20
+#: a table's text by path, for pipes (``--slides <(...)``): a stage that reads its table
+#: twice (heatmap) gets the same rows the second time
+_PIPE_TEXT: dict[str, str] = {}  # _pipe_key -> text
+
+
+def _decompress(csv: Path, data: bytes) -> bytes:
+    """``data`` decompressed when ``csv``'s suffix says so (.gz, .bz2, .xz, .zip, as pandas)."""
+    import bz2
+    import gzip
+    import lzma
+    import zipfile
+
+    suffix = csv.suffix.lower()
+    try:
+        if suffix == ".gz":
+            return gzip.decompress(data)
+        if suffix == ".bz2":
+            return bz2.decompress(data)
+        if suffix == ".xz":
+            return lzma.decompress(data)
+        if suffix == ".zip":
+            with zipfile.ZipFile(io.BytesIO(data)) as z:
+                names = [n for n in z.namelist() if not n.endswith("/")]
+                if len(names) != 1:
+                    raise ConfigError(
+                        f"slide table {csv} holds {len(names)} files, not one",
+                        "zip the table alone, or give the CSV itself",
+                    )
+                return z.read(names[0])
+    except (OSError, EOFError, lzma.LZMAError, zipfile.BadZipFile) as e:
+        raise ConfigError(f"cannot decompress slide table {csv}: {e}") from None
+    return data
+
+
 def _table_text(csv: Path) -> str:
-    """The table's text, read once (so a pipe such as ``--slides <(...)`` works too).
+    """The table's text, read once (so a pipe such as ``--slides <(...)`` works too) and
+    decompressed by suffix.
 
     A NUL byte near the start means an image (TIFF, JPEG, PNG, DICOM and CZI headers have
-    them; text in any encoding but UTF-16 has none): refused before reading on. A UTF-8
-    byte-order mark (Excel's 'CSV UTF-8') is dropped."""
+    them; UTF-8 text has none): refused before reading on. A UTF-8 byte-order mark (Excel's
+    'CSV UTF-8') is dropped; other encodings are refused with how to save the file."""
+    key = _pipe_key(csv)
+    if key in _PIPE_TEXT:
+        return _PIPE_TEXT[key]
+    compressed = csv.suffix.lower() in (".gz", ".bz2", ".xz", ".zip")
     try:
         with open(csv, "rb") as f:
             head = f.read(4096)
-            if b"\0" in head:
+            utf16 = head[:2] in (b"\xff\xfe", b"\xfe\xff")
+            if b"\0" in head and not (compressed or utf16):
                 raise ConfigError(
                     f"--slides {csv} looks like an image, not a slide table (a CSV)",
                     SLIDES_AS_ARGUMENTS,
                 )
-            data = head + f.read()
+            data = head + f.read(MAX_TABLE_BYTES + 1 - len(head))
     except OSError as e:
         raise ConfigError(f"cannot read slide table {csv}: {e.strerror or e}") from None
+    if len(data) > MAX_TABLE_BYTES:
+        raise ConfigError(
+            f"--slides {csv} is over {MAX_TABLE_BYTES >> 20} MiB: not a slide table",
+            SLIDES_AS_ARGUMENTS,
+        )
+    data = _decompress(csv, data) if compressed else data
     try:
-        return data.decode("utf-8-sig")
+        if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+            raise UnicodeDecodeError("utf-16", data, 0, 2, "a UTF-16 byte-order mark")
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise ConfigError(
-            f"slide table {csv} is not UTF-8 text (byte {e.start})",
+            f"slide table {csv} is not UTF-8 text (byte {e.start}: {e.reason})",
             "save it as UTF-8 (in Excel: 'CSV UTF-8')",
         ) from None
+    if not csv.is_file():
+        _PIPE_TEXT[key] = text
+    return text
+
+
+def _pipe_key(csv: Path) -> str:
+    """The path and the pipe's identity (another pipe may later have the same /dev/fd path)."""
+    try:
+        st = csv.stat()
+    except OSError:
+        return str(csv)
+    return f"{csv}:{st.st_dev}:{st.st_ino}"
 
 
 def _check_field_counts(csv: Path, text: str) -> None:
@@ -159,7 +221,8 @@ def _read_csv(csv: Path) -> list[SlideEntry]:
     if not csv.exists():
         raise ConfigError(f"slide table {csv} does not exist", "check the --slides path")
     text = _table_text(csv)
-    base = csv.parent
+    # relative paths: against the table's folder, or the current one for a pipe (/dev/fd)
+    base = csv.parent if csv.is_file() else Path.cwd()
     _check_field_counts(csv, text)
     try:
         df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
