@@ -119,6 +119,10 @@ def run_dir(config_path: str | os.PathLike, stage: str = "train") -> Path:
 RUN_CONTROL_OPTIONS = frozenset(
     {"config", "debug", "quiet", "verbose", "workers", "processes", "shard", "slides_csv"}
     | {"slide_paths", "slides"}
+    # what the stage commands also leave current outputs alone for: a device or batch size
+    # gives the same outputs, compression the same pixels, and overwrite is for one run
+    # (under Snakemake: --forcerun RULE); as params, each edit would delete every output
+    | {"overwrite", "device", "batch_size", "compression"}
 )
 
 
@@ -284,7 +288,8 @@ def stage_args(
 ) -> list[str]:
     """``wsi-mil`` arguments of one stage of ``wsi-mil run``: ``[GLOBAL] <stage> --config FILE``.
 
-    ``train`` gets ``--resume`` unless the config sets ``resume`` or ``overwrite`` itself:
+    ``train`` gets ``--resume`` (:func:`train_resumes`) unless the config's train options
+    set ``overwrite: true`` or ``resume: false``:
     running ``wsi-mil run`` again continues (or finds finished) its run, as every other
     stage skips what is current, instead of refusing because the run folder is taken.
     A run whose inputs changed since (other slides, feature or patch stores, training
@@ -383,7 +388,7 @@ def run_pipeline(
         code = invoke_stage(stage, config_path, global_args)
         sys.stderr.flush()
         batch = take_last_batch()
-        current = bool(batch and batch.skipped and not batch.done and not batch.failed)
+        current = bool(batch and batch.skipped and not (batch.done or batch.failed or batch.busy))
         r = StageRun(
             stage, code, time.perf_counter() - t0, stage_output(stage, config_path), current
         )

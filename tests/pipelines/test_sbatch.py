@@ -121,7 +121,9 @@ def test_sbatch_templates_run_the_pipeline_on_cpu(workdir):
 
 def _array_env(**slurm: str) -> dict[str, str]:
     """Env of a template whose wsi-mil is `echo` (prints the command it would run)."""
-    env = {k: v for k, v in pipeline_env().items() if not k.startswith(("SLURM_", "SHARDS"))}
+    env = {
+        k: v for k, v in pipeline_env().items() if not k.startswith(("SLURM_", "WSI_MIL_SHARDS"))
+    }
     return {**env, "WSI_MIL": "echo", **slurm}
 
 
@@ -144,14 +146,14 @@ def test_array_templates_shard_every_way_they_are_submitted(tmp_path, script):
     for ids, tid, want in (([0, 1, 2], 2, "2/3"), ([1, 2, 3], 1, "0/3"), ([1, 2, 3], 3, "2/3")):
         r = shard(SLURM_ARRAY_TASK_ID=str(tid), **arr(ids))
         assert r.returncode == 0 and r.stdout.splitlines()[-1].endswith(f"--shard {want}")
-    # a resubmission of tasks 0 and 2 of 3: refused without SHARDS (shard 2/2 does not exist)
+    # a resubmission of tasks 0 and 2 of 3: refused without WSI_MIL_SHARDS (shard 2/2 does not exist)
     r = shard(SLURM_ARRAY_TASK_ID="2", **arr([0, 2]))
-    assert r.returncode == 2 and "SHARDS" in r.stderr, r.stdout + r.stderr
+    assert r.returncode == 2 and "WSI_MIL_SHARDS" in r.stderr, r.stdout + r.stderr
     # ... and right with it, as is one task (--array=2) or a stepped range (0-5:2)
     for ids, tid in (([0, 2], 2), ([2], 2), ([0, 2, 4], 4)):
-        r = shard(SLURM_ARRAY_TASK_ID=str(tid), SHARDS="6", **arr(ids))
+        r = shard(SLURM_ARRAY_TASK_ID=str(tid), WSI_MIL_SHARDS="6", **arr(ids))
         assert r.returncode == 0 and r.stdout.splitlines()[-1].endswith(f"--shard {tid}/6")
-    # a single index without SHARDS: one shard of one, i.e. every slide not yet current
+    # a single index without WSI_MIL_SHARDS: one shard of one, i.e. every slide not yet current
     r = shard(SLURM_ARRAY_TASK_ID="2", **arr([2]))
     assert r.returncode == 0 and r.stdout.splitlines()[-1].endswith("--shard 0/1")
 

@@ -354,3 +354,14 @@ def test_missing_level_message_singular(tmp_path):
     p = make_pyramidal_tiff(tmp_path / "s.tif", test_image(128, 128), 1, 64, 0.5, "zlib")
     with open_slide(p) as s, pytest.raises(SlideError, match=r"has 1 level\)"):
         s.read_region(1, 0, 0, 8, 8)
+
+
+def test_levels_padded_to_whole_tiles_are_kept():
+    """Some writers pad every level to whole tiles: 46000 x 32914 -> 23040 x 16512 is one
+    downsample (0.2 % apart in x and y), not an anisotropic level."""
+    from wsi_mil.slides.backends._util import consistent_level
+
+    assert consistent_level((46000, 32914), (23040, 16512))
+    assert consistent_level((46000, 32914), (11500, 8228))  # rounding
+    assert not consistent_level((1200, 1000), (600, 333))  # 1/2 wide, 1/3 high
+    assert not consistent_level((1200, 1000), (0, 0))

@@ -376,7 +376,9 @@ class PatchStore:
     @property
     def mpp(self) -> float | None:
         """Level-0 microns per px of the slide (None when unknown)."""
-        return self.attrs.get("mpp")
+        from wsi_mil.slides.backends._util import valid_mpp
+
+        return valid_mpp(self.attrs.get("mpp"))  # stores of old versions may hold inf
 
     @property
     def slide_path(self) -> Path | None:

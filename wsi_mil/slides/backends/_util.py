@@ -104,6 +104,23 @@ def level_downsample_range(
     return (lo, hi) if lo <= hi * (1 + 1e-9) else None
 
 
+#: x and y downsamples of a level that differ by less than this (relative) are one
+#: downsample even past LEVEL_SIZE_TOLERANCE_PX: pyramids whose levels are padded to whole
+#: tiles (46000 x 32914 -> 23040 x 16512) differ by ~0.2 %; real anisotropy by far more
+LEVEL_ASPECT_TOLERANCE = 0.01
+
+
+def consistent_level(level0: tuple[int, int], level: tuple[int, int]) -> bool:
+    """Whether ``level`` (width, height) is ``level0`` reduced by one downsample in x and y:
+    within rounding (:func:`level_downsample_range`) or within LEVEL_ASPECT_TOLERANCE."""
+    if level_downsample_range(level0, level) is not None:
+        return True
+    if min(*level0, *level) <= 0:
+        return False
+    dx, dy = level0[0] / level[0], level0[1] / level[1]
+    return abs(dx / dy - 1.0) <= LEVEL_ASPECT_TOLERANCE
+
+
 def first_line(e: BaseException) -> str:
     """First line of an exception message, at most 200 characters."""
     s = str(e).strip().splitlines()

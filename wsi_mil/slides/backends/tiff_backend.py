@@ -18,8 +18,8 @@ significant bits (OME ``SignificantBits``, else BitsPerSample); grey/RGB samples
 ``_util.MPP_RANGE`` (inf, nan, 0, 1e300) is unknown.
 
 Levels: a level whose width and height are not level 0's divided by one downsample (within
-rounding, ``_util.level_downsample_range``), e.g. half as wide but a third as high, is dropped
-(logged at debug level). The TIFF Orientation tag is ignored, as OpenSlide does.
+rounding or 1 %, ``_util.consistent_level``), e.g. half as wide but a third as high, is dropped
+(with a warning). The TIFF Orientation tag is ignored, as OpenSlide does.
 """
 
 from __future__ import annotations
@@ -43,10 +43,10 @@ from wsi_mil.slides import register_backend
 from wsi_mil.slides.backends._util import (
     OME_TIFF_SUFFIXES,
     UM_PER_UNIT,
+    consistent_level,
     expand_low_bits,
     first_line,
     is_tiff_file,
-    level_downsample_range,
     lower_name,
     quiet_readers,
     read_segments,
@@ -629,12 +629,12 @@ def _ome_pixels(xml: str, series_index: int) -> Any:
 
 def _consistent_level(path: Path, base: _Level, level: _Level) -> bool:
     """Whether ``level`` is ``base`` (level 0) reduced by one downsample in x and y (within
-    rounding); logs why not at debug level."""
-    if level_downsample_range((base.width, base.height), (level.width, level.height)):
+    rounding or 1 %); warns why not."""
+    if consistent_level((base.width, base.height), (level.width, level.height)):
         return True
-    log.debug(
+    log.warning(
         "%s: dropped pyramid level %d x %d px: its x downsample %.4g and y downsample %.4g "
-        "(from level 0's %d x %d) differ by more than rounding",
+        "(from level 0's %d x %d) differ by more than 1 %%",
         path,
         level.width,
         level.height,

@@ -25,8 +25,8 @@ from wsi_mil.errors import SlideError
 from wsi_mil.slides import register_backend
 from wsi_mil.slides.backends._util import (
     UM_PER_UNIT,
+    consistent_level,
     first_line,
-    level_downsample_range,
     lower_name,
     to_rgb,
     to_uint8,
@@ -113,13 +113,13 @@ class ZarrSlide(Slide):
             why = None
             if 0 in self._arrays[i].shape:
                 why = f"it is empty (shape {tuple(self._arrays[i].shape)})"
-            elif not level_downsample_range(dims[0], dims[i]):
+            elif not consistent_level(dims[0], dims[i]):
                 why = (
                     f"its x downsample {dims[0][0] / dims[i][0]:.4g} and y downsample "
-                    f"{dims[0][1] / dims[i][1]:.4g} differ by more than rounding"
+                    f"{dims[0][1] / dims[i][1]:.4g} differ by more than 1 %"
                 )
             if why is not None:
-                log.debug(
+                log.warning(
                     "%s: dropped level array %r (%d x %d px): %s",
                     self.path,
                     datasets[i]["path"],
