@@ -24,7 +24,7 @@ from wsi_mil.slides import read_slide_table
 from wsi_mil.tiling.patch_store import PatchStore
 from wsi_mil.workflow import features_dir
 
-WSI_MIL_SHARDS = 3
+N_SHARDS = 3
 
 
 def _clone(workdir: Path, name: str) -> Path:
@@ -108,27 +108,27 @@ def test_job_array_shards_equal_one_unsharded_run(workdir):
     ref = _reference(workdir, {**pipeline_env(), "SLURM_CPUS_PER_TASK": "1"})  # as the tasks
     arr = _clone(workdir, "array")
     n = len(read_slide_table(arr / "slides" / "slides.csv"))
-    expect = [len(range(i, n, WSI_MIL_SHARDS)) for i in range(WSI_MIL_SHARDS)]
+    expect = [len(range(i, n, N_SHARDS)) for i in range(N_SHARDS)]
 
     def task_env(i: int) -> dict[str, str]:
         return {
             **pipeline_env(),
             "SLURM_ARRAY_TASK_ID": str(i + 1),  # --array=1-3: shards count from the first task
             "SLURM_ARRAY_TASK_MIN": "1",
-            "SLURM_ARRAY_TASK_COUNT": str(WSI_MIL_SHARDS),
+            "SLURM_ARRAY_TASK_COUNT": str(N_SHARDS),
             "SLURM_CPUS_PER_TASK": "1",
             "WSI_MIL": f"{sys.executable} -m wsi_mil",
         }
 
-    envs = [task_env(i) for i in range(WSI_MIL_SHARDS)]
+    envs = [task_env(i) for i in range(N_SHARDS)]
     tile_sbatch = str(REPO / "pipelines" / "slurm" / "tile.sbatch")
-    res = _run_all([["bash", tile_sbatch, "cfg.yaml"]] * WSI_MIL_SHARDS, arr, envs)
+    res = _run_all([["bash", tile_sbatch, "cfg.yaml"]] * N_SHARDS, arr, envs)
     for rc, err in res:
         assert rc == 0, err[-2000:]
     assert [_done("tile", err) for _, err in res] == [(k, 0) for k in expect]
 
     # extract: no --shard at all; each process takes its shard from SLURM_ARRAY_* itself
-    res = _run_all([_wsi("extract", "--config", "cfg.yaml")] * WSI_MIL_SHARDS, arr, envs)
+    res = _run_all([_wsi("extract", "--config", "cfg.yaml")] * N_SHARDS, arr, envs)
     for rc, err in res:
         assert rc == 0, err[-2000:]
     assert [_done("extract", err) for _, err in res] == [(k, 0) for k in expect]

@@ -340,10 +340,11 @@ def test_edits_of_the_config_and_labels_rerun_what_they_change(workdir):
     assert _dry_counts(workdir) == after_train
     cfg.write_text(text.replace("patch-size: 96", "patch-size: 64"))
     assert _dry_counts(workdir) == {"tile": n, "extract": n, **after_train}
-    cfg.write_text(text.replace("batch-size: 32", "batch-size: 16"))
+    cfg.write_text(text.replace("batch-size: 32", "batch-size: 32\n  dtype: float16"))
     assert _dry_counts(workdir) == {"extract": n, **after_train}
-    cfg.write_text(text.replace("  workers: 1\n", "  workers: 2\n"))  # how, not what
-    assert _dry_counts(workdir) == {}
+    for how in (("  workers: 1\n", "  workers: 2\n"), ("batch-size: 32", "batch-size: 16")):
+        cfg.write_text(text.replace(*how))  # how, not what: no rerun
+        assert _dry_counts(workdir) == {}
     cfg.write_text(text)
 
     # labels of the training slides: train and what follows, no per-slide job
