@@ -269,7 +269,7 @@ def test_fifo_refused_without_blocking(tmp_path):
         t.join(5)
         pytest.fail("open_slide blocked on a FIFO")
     assert isinstance(result[0], SlideError) and "not a regular file" in str(result[0])
-    for backend in ("openslide", "tiff", "zarr", "image"):
+    for backend in ("openslide", "tiff", "zarr", "image"):  # naming a backend: refused too
         with pytest.raises(SlideError, match="not a regular file"):
             open_slide(fifo, backend=backend)
 
