@@ -76,18 +76,17 @@ def _check_top_level_keys(path: str, command: click.Command) -> None:
 
     import yaml
 
+    from wsi_mil.cli import cli
     from wsi_mil.config import COMMANDS
     from wsi_mil.errors import ConfigError
 
     data = yaml.safe_load(Path(path).read_text()) or {}  # load_config_file validated it
     known = known_config_keys(command)
-    from wsi_mil.cli import cli
-
     options = {o for c in [*cli.commands.values(), command] for o in _option_names(c)}
+    # a command's section that is not a mapping (unless an option has its name, as --run)
+    sections = {*COMMANDS, *EXTRA_SECTIONS} - options
     for k, v in data.items():
-        # a command's section that is not a mapping (and no option has its name, as --run)
-        sections = (*COMMANDS, *EXTRA_SECTIONS)
-        if k in sections and v is not None and not isinstance(v, dict) and k not in options:
+        if k in sections and v is not None and not isinstance(v, dict):
             raise ConfigError(
                 f"{path}: '{k}:' must be a section of option names and values, got {v!r}",
                 f"e.g. '{k}:' followed by indented lines such as '  workers: 4'",

@@ -7,6 +7,7 @@ import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -112,6 +113,7 @@ MAX_TABLE_BYTES = 512 << 20
 #: a table's text by path, for pipes (``--slides <(...)``): a stage that reads its table
 #: twice (heatmap) gets the same rows the second time
 _PIPE_TEXT: dict[str, str] = {}  # _pipe_key -> text
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 
 
 def _decompress(csv: Path, data: bytes) -> bytes:
@@ -157,7 +159,7 @@ def _table_text(csv: Path) -> str:
     try:
         with open(csv, "rb") as f:
             head = f.read(4096)
-            utf16 = head[:2] in (b"\xff\xfe", b"\xfe\xff")
+            utf16 = head[:2] in _UTF16_BOMS
             if b"\0" in head and not (compressed or utf16):
                 raise ConfigError(
                     f"--slides {csv} looks like an image, not a slide table (a CSV)",
@@ -173,7 +175,7 @@ def _table_text(csv: Path) -> str:
         )
     data = _decompress(csv, data) if compressed else data
     try:
-        if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        if data[:2] in _UTF16_BOMS:
             raise UnicodeDecodeError("utf-16", data, 0, 2, "a UTF-16 byte-order mark")
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -205,7 +207,7 @@ def _check_field_counts(csv: Path, text: str) -> None:
         rows = ((i, r) for i, r in enumerate(csv_module.reader(io.StringIO(text)), 1) if r)
         first = next(rows, None)
         for row_no, row in rows:
-            if first is not None and len(row) > len(first[1]):
+            if len(row) > len(first[1]):
                 raise ConfigError(
                     f"{csv} row {row_no}: {len(row)} fields where row {first[0]} has "
                     f"{len(first[1])}",
@@ -213,6 +215,20 @@ def _check_field_counts(csv: Path, text: str) -> None:
                 )
     except csv_module.Error:
         return  # reported by the pandas read below
+
+
+def _parse_csv(csv: Path, text: str, **kw: Any) -> pd.DataFrame:
+    """All-string DataFrame of the table's ``text`` (``kw``: more pandas options)."""
+    try:
+        return pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, **kw)
+    except pd.errors.EmptyDataError:
+        raise ConfigError(
+            f"slide table {csv} is empty", f"write one row per slide: {TABLE_FORMS}"
+        ) from None
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(
+            f"cannot read slide table {csv}: {e}", f"it must be a CSV with {TABLE_FORMS}"
+        ) from None
 
 
 def _read_csv(csv: Path) -> list[SlideEntry]:
@@ -224,27 +240,13 @@ def _read_csv(csv: Path) -> list[SlideEntry]:
     # relative paths: against the table's folder, or the current one for a pipe (/dev/fd)
     base = csv.parent if csv.is_file() else Path.cwd()
     _check_field_counts(csv, text)
-    try:
-        df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
-    except pd.errors.EmptyDataError:
-        raise ConfigError(
-            f"slide table {csv} is empty", f"write one row per slide: {TABLE_FORMS}"
-        ) from None
-    except Exception as e:  # noqa: BLE001
-        raise ConfigError(
-            f"cannot read slide table {csv}: {e}", f"it must be a CSV with {TABLE_FORMS}"
-        ) from None
+    df = _parse_csv(csv, text)
     cols = [c.strip().lower() for c in df.columns]
     header_rows = 1  # file row of data row i: i + 1 + header_rows
     if "slide_id" not in cols:
         # Two columns filename,label: the seed's labels.csv (no header) or the same with a
         # header row of column names (see _is_two_column_header).
-        try:
-            df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, header=None)
-        except Exception as e:  # noqa: BLE001
-            raise ConfigError(
-                f"cannot read slide table {csv}: {e}", f"it must be a CSV with {TABLE_FORMS}"
-            ) from None
+        df = _parse_csv(csv, text, header=None)
         if df.shape[1] != 2:
             raise ConfigError(
                 f"{csv}: no 'slide_id' column and {df.shape[1]} column(s), not 2",

@@ -235,19 +235,21 @@ def check_resume_options(cfg: TrainConfig, resolved: TrainConfig) -> None:
 
 def check_resume_checkpoint(
     cfg: TrainConfig,
-    train_ids: Sequence[str],
-    val_ids: Sequence[str],
+    train: Sequence[Any],
+    val: Sequence[Any],
     inputs: dict[str, str],
     kind: str = "feature stores",
-    labels: dict[str, int] | None = None,
 ) -> None:
     """With ``--resume`` on a run that has ``last.pt``: refuse, before anything in the run
     folder is rewritten, what :func:`wsi_mil.train.loop.check_resumable` refuses (other
-    slides, changed input stores or labels, more epochs done than ``--epochs``)."""
+    slides, changed input stores or labels, more epochs done than ``--epochs``).
+    ``train``/``val``: the bags (``.slide_id``, ``.label``) of this run."""
     last = Path(cfg.run) / "checkpoints" / "last.pt"
     if not (cfg.resume and last.is_file()):
         return
     ck = load_checkpoint_file(last, fix=RESUME_FIX)
+    labels = {b.slide_id: int(b.label) for b in [*train, *val]}
+    train_ids, val_ids = [b.slide_id for b in train], [b.slide_id for b in val]
     check_resumable(ck, last, cfg.epochs, train_ids, val_ids, inputs, kind, labels)
 
 
@@ -342,14 +344,7 @@ def _train_cached(
     run = Path(cfg.run)
     inputs = {b.slide_id: feature_store_digest(b) for b in bags}
     check_resume_options(cfg, resolved)
-    check_resume_checkpoint(
-        cfg,
-        [b.slide_id for b in train],
-        [b.slide_id for b in val],
-        inputs,
-        "feature stores",
-        {b.slide_id: int(b.label) for b in [*train, *val]},
-    )
+    check_resume_checkpoint(cfg, train, val, inputs, "feature stores")
     if main:
         run = prepare_run_dir(cfg)
         save_resolved(resolved, run / "config.yaml")

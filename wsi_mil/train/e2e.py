@@ -637,14 +637,7 @@ def _train_e2e(cfg: TrainConfig, entries: Sequence[SlideEntry], info: Any, progr
     # what the run learns from: the patch stores' content (as extract judges it current)
     inputs = {b.slide_id: store_digest(b.store) for b in [*train, *val]}
     check_resume_options(cfg, resolved)
-    check_resume_checkpoint(
-        cfg,
-        [b.slide_id for b in train],
-        [b.slide_id for b in val],
-        inputs,
-        "patch stores",
-        {b.slide_id: int(b.label) for b in [*train, *val]},
-    )
+    check_resume_checkpoint(cfg, train, val, inputs, "patch stores")
     if main:
         run = prepare_run_dir(cfg)
         save_resolved(resolved, run / "config.yaml")

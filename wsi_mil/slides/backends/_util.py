@@ -110,15 +110,25 @@ def level_downsample_range(
 LEVEL_ASPECT_TOLERANCE = 0.01
 
 
-def consistent_level(level0: tuple[int, int], level: tuple[int, int]) -> bool:
-    """Whether ``level`` (width, height) is ``level0`` reduced by one downsample in x and y:
-    within rounding (:func:`level_downsample_range`) or within LEVEL_ASPECT_TOLERANCE."""
+def level_mismatch(level0: tuple[int, int], level: tuple[int, int]) -> str | None:
+    """Why ``level`` (width, height) is not ``level0`` reduced by one downsample in x and y
+    (within rounding, :func:`level_downsample_range`, or LEVEL_ASPECT_TOLERANCE), or None."""
     if level_downsample_range(level0, level) is not None:
-        return True
+        return None
     if min(*level0, *level) <= 0:
-        return False
+        return f"it is empty ({level[0]} x {level[1]} px)"
     dx, dy = level0[0] / level[0], level0[1] / level[1]
-    return abs(dx / dy - 1.0) <= LEVEL_ASPECT_TOLERANCE
+    if abs(dx / dy - 1.0) <= LEVEL_ASPECT_TOLERANCE:
+        return None
+    return (
+        f"its x downsample {dx:.4g} and y downsample {dy:.4g} (from level 0's "
+        f"{level0[0]} x {level0[1]}) differ by more than {LEVEL_ASPECT_TOLERANCE:.0%}"
+    )
+
+
+def consistent_level(level0: tuple[int, int], level: tuple[int, int]) -> bool:
+    """Whether ``level`` is ``level0`` reduced by one downsample (:func:`level_mismatch`)."""
+    return level_mismatch(level0, level) is None
 
 
 def first_line(e: BaseException) -> str:

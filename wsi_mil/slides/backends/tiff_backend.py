@@ -18,7 +18,7 @@ significant bits (OME ``SignificantBits``, else BitsPerSample); grey/RGB samples
 ``_util.MPP_RANGE`` (inf, nan, 0, 1e300) is unknown.
 
 Levels: a level whose width and height are not level 0's divided by one downsample (within
-rounding or 1 %, ``_util.consistent_level``), e.g. half as wide but a third as high, is dropped
+rounding or 1 %, ``_util.level_mismatch``), e.g. half as wide but a third as high, is dropped
 (with a warning). The TIFF Orientation tag is ignored, as OpenSlide does.
 """
 
@@ -43,10 +43,10 @@ from wsi_mil.slides import register_backend
 from wsi_mil.slides.backends._util import (
     OME_TIFF_SUFFIXES,
     UM_PER_UNIT,
-    consistent_level,
     expand_low_bits,
     first_line,
     is_tiff_file,
+    level_mismatch,
     lower_name,
     quiet_readers,
     read_segments,
@@ -630,20 +630,12 @@ def _ome_pixels(xml: str, series_index: int) -> Any:
 def _consistent_level(path: Path, base: _Level, level: _Level) -> bool:
     """Whether ``level`` is ``base`` (level 0) reduced by one downsample in x and y (within
     rounding or 1 %); warns why not."""
-    if consistent_level((base.width, base.height), (level.width, level.height)):
-        return True
-    log.warning(
-        "%s: dropped pyramid level %d x %d px: its x downsample %.4g and y downsample %.4g "
-        "(from level 0's %d x %d) differ by more than 1 %%",
-        path,
-        level.width,
-        level.height,
-        base.width / max(level.width, 1),
-        base.height / max(level.height, 1),
-        base.width,
-        base.height,
-    )
-    return False
+    why = level_mismatch((base.width, base.height), (level.width, level.height))
+    if why is not None:
+        log.warning(
+            "%s: dropped pyramid level %d x %d px: %s", path, level.width, level.height, why
+        )
+    return why is None
 
 
 def _ome_physical_size(el: Any, axis: str) -> float | None:

@@ -25,8 +25,8 @@ from wsi_mil.errors import SlideError
 from wsi_mil.slides import register_backend
 from wsi_mil.slides.backends._util import (
     UM_PER_UNIT,
-    consistent_level,
     first_line,
+    level_mismatch,
     lower_name,
     to_rgb,
     to_uint8,
@@ -110,14 +110,10 @@ class ZarrSlide(Slide):
         # keep strictly shrinking levels only, not empty, with one downsample in x and y
         self._levels = [0]
         for i in range(1, len(dims)):
-            why = None
             if 0 in self._arrays[i].shape:
                 why = f"it is empty (shape {tuple(self._arrays[i].shape)})"
-            elif not consistent_level(dims[0], dims[i]):
-                why = (
-                    f"its x downsample {dims[0][0] / dims[i][0]:.4g} and y downsample "
-                    f"{dims[0][1] / dims[i][1]:.4g} differ by more than 1 %"
-                )
+            else:
+                why = level_mismatch(dims[0], dims[i])
             if why is not None:
                 log.warning(
                     "%s: dropped level array %r (%d x %d px): %s",
