@@ -9,11 +9,15 @@ CLAM/TRIDENT layout); ``coords`` attrs ``patch_size`` (px at ``patch_level``),
 
 Readers (:func:`open_features`) also accept other tools' layouts:
 
-- CLAM ``h5_files/<id>.h5``: root ``features`` (N, D) float32 + ``coords`` (N, 2) int32;
+- CLAM ``h5_files/<id>.h5``: root ``features`` (N, D) float32 + ``coords`` (N, 2) int32,
+  appended batch by batch: one without its ``pt_files/<id>.pt`` (written when the slide is
+  done) is refused as unfinished;
 - CLAM ``pt_files/<id>.pt``: a (N, D) tensor, coords from the matching ``h5_files/<id>.h5``
   or CLAM's ``patches/<id>.h5``;
-- TRIDENT ``features_<encoder>/<id>.h5``: ``features`` + ``coords`` with ``coords`` attrs
-  ``patch_size``, ``patch_size_level0``, ``level0_magnification`` ...
+- TRIDENT ``features_<encoder>/<id>.h5``: ``features`` (float16 or float32) + ``coords`` with
+  ``coords`` attrs ``patch_size``, ``patch_size_level0``, ``level0_magnification`` ...;
+  ``features_<encoder>/<id>.pt``: the numpy array (numpy 1.x or 2 pickle), coords from
+  ``../patches/<id>_patches.h5``.
 """
 
 from __future__ import annotations
@@ -203,16 +207,13 @@ def open_features(
     try:
         with h5py.File(p, "r") as f:
             if "features" not in f:
-                raise StoreError(
-                    f"{p}: no 'features' dataset",
-                    "expected CLAM/TRIDENT layout: root 'features' (N, D) and 'coords' (N, 2)",
-                )
-            feats = np.asarray(f["features"][:], np.float32)
+                raise _no_features_error(p, list(f))
+            feats = _as_array(p, f["features"], "features", np.float32)
             attrs = {k: plain_attr(v) for k, v in f.attrs.items()}
             attrs.update({f"features_{k}": plain_attr(v) for k, v in f["features"].attrs.items()})
             coords = None
             if "coords" in f:
-                coords = np.asarray(f["coords"][:], np.int64)
+                coords = _as_array(p, f["coords"], "coords", np.int64)
                 attrs.update({f"coords_{k}": plain_attr(v) for k, v in f["coords"].attrs.items()})
     except StoreError:
         raise
@@ -220,10 +221,57 @@ def open_features(
         raise StoreError(
             f"{p}: unreadable HDF5 file ({e})", "delete it and re-run 'wsi-mil extract'"
         ) from None
+    if "wsi_mil_version" not in attrs:  # ours are written whole; CLAM's batch by batch
+        _check_clam_h5_complete(p)
     if coords is None and coords_path is not None:
         coords, extra = _read_coords_h5(Path(coords_path))
         attrs.update({f"coords_{k}": v for k, v in extra.items()})
     return _make_bag(p, feats, coords, attrs)
+
+
+def _no_features_error(p: Path, names: list[str]) -> StoreError:
+    """No root ``features``: say what the file holds; a coords-only file is a patching output."""
+    held = f" (it holds {', '.join(repr(n) for n in names[:8])})" if names else " (it is empty)"
+    if names == ["coords"]:
+        return StoreError(
+            f"{p}: no 'features' dataset, a patch coordinates file{held}",
+            "pass the folder of feature files (CLAM h5_files/ or pt_files/, TRIDENT "
+            "features_<encoder>/, ours W/features/<tag>/), not the patches/ folder",
+        )
+    return StoreError(
+        f"{p}: no 'features' dataset{held}",
+        "expected CLAM/TRIDENT layout: root 'features' (N, D) and 'coords' (N, 2)",
+    )
+
+
+def _as_array(p: Path, obj: Any, name: str, dtype: type) -> np.ndarray:
+    """HDF5 dataset (or loaded array) ``obj`` as a numeric ``dtype`` array; :class:`StoreError`
+    for a group, a scalar or non-numeric values (strings, objects, complex)."""
+    layout = "root 'features' (N, D) float and 'coords' (N, 2) int: the CLAM/TRIDENT layout"
+    if isinstance(obj, h5py.Group):
+        raise StoreError(f"{p}: '{name}' is an HDF5 group, not a dataset", f"expected {layout}")
+    kind = np.dtype(obj.dtype).kind
+    if kind not in "fiub" or not np.ndim(obj):
+        what = f"dtype {obj.dtype}" if kind not in "fiub" else "a single value"
+        raise StoreError(f"{p}: '{name}' holds {what}, not numbers per patch", f"expected {layout}")
+    return np.asarray(obj[()] if isinstance(obj, h5py.Dataset) else obj, dtype)
+
+
+def _check_clam_h5_complete(p: Path) -> None:
+    """CLAM's ``extract_features_fp.py`` appends ``h5_files/<id>.h5`` batch by batch and writes
+    ``pt_files/<id>.pt`` only when the slide is done: an h5 without its ``.pt`` twin, next to a
+    ``pt_files/`` folder in use, is a slide still being extracted (or a killed job's part)."""
+    if p.parent.name != "h5_files":
+        return
+    pt_dir = p.parent.parent / "pt_files"
+    if not pt_dir.is_dir() or (pt_dir / f"{p.stem}.pt").exists():
+        return
+    if next(pt_dir.glob("*.pt"), None) is not None:
+        raise StoreError(
+            f"{p}: CLAM feature file without its {pt_dir.name}/{p.stem}.pt: CLAM writes the .pt "
+            "when a slide is done, so this one is still being extracted or its job was killed",
+            f"re-run CLAM's extract_features_fp.py for {p.stem}, or delete {p} to skip the slide",
+        )
 
 
 def _open_pt(p: Path, coords_path: Path | None) -> FeatureBag:
@@ -232,8 +280,10 @@ def _open_pt(p: Path, coords_path: Path | None) -> FeatureBag:
     try:
         obj = _torch_load_arrays(p)
     except Exception as e:  # noqa: BLE001
+        lines = str(e).splitlines() or [type(e).__name__]
+        why = next((ln.strip() for ln in lines if "Unsupported" in ln), lines[0])
         raise StoreError(
-            f"{p}: cannot load with torch.load(weights_only=True): {str(e).splitlines()[0][:200]}",
+            f"{p}: cannot load with torch.load(weights_only=True): {why[:200]}",
             "expected a (N, D) tensor as CLAM's pt_files hold",
         ) from None
     if isinstance(obj, dict):
@@ -245,7 +295,7 @@ def _open_pt(p: Path, coords_path: Path | None) -> FeatureBag:
             f"{p}: holds {type(obj).__name__}, not a features tensor",
             "expected a (N, D) tensor as CLAM's pt_files hold",
         )
-    feats = np.asarray(obj, np.float32)
+    feats = _as_array(p, obj, "features", np.float32)
     coords, attrs = None, {}
     cpath = coords_path or _find_coords_for_pt(p)
     if cpath is not None:
@@ -260,16 +310,37 @@ def _open_pt(p: Path, coords_path: Path | None) -> FeatureBag:
 
 
 def _torch_load_arrays(p: Path) -> Any:
-    """``torch.load(weights_only=True)``, also allowing plain numpy arrays (TRIDENT's .pt)."""
+    """``torch.load(weights_only=True)``, also allowing plain numpy arrays (TRIDENT's
+    ``--save_features_as pt``: ``torch.save`` of the (N, D) array), pickled by numpy 2
+    (``numpy._core.multiarray._reconstruct``) or numpy 1.x (``numpy.core.multiarray``)."""
     import torch
 
+    safe_globals = getattr(torch.serialization, "safe_globals", None)
+    if safe_globals is None:  # torch < 2.5: tensors (CLAM's pt_files) only
+        return torch.load(p, map_location="cpu", weights_only=True)
     try:
         from numpy._core.multiarray import _reconstruct
     except ImportError:  # numpy < 2
         from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
     dtypes = [type(np.dtype(t)) for t in (np.float16, np.float32, np.float64, np.int32, np.int64)]
-    with torch.serialization.safe_globals([_reconstruct, np.ndarray, np.dtype, *dtypes]):
+    allowed: list[Any] = [_reconstruct, np.ndarray, np.dtype, *dtypes]
+    if _torch_version() >= (2, 6):  # (object, name) pairs: the other numpy's module name
+        for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+            if module != _reconstruct.__module__:
+                allowed.append((_reconstruct, f"{module}._reconstruct"))
+    with safe_globals(allowed):
         return torch.load(p, map_location="cpu", weights_only=True)
+
+
+def _torch_version() -> tuple[int, int]:
+    """(major, minor) of the installed torch; (0, 0) if it does not parse."""
+    import torch
+
+    try:
+        major, minor = torch.__version__.split(".")[:2]
+        return int(major), int(minor)
+    except ValueError:
+        return 0, 0
 
 
 def _find_coords_for_pt(p: Path) -> Path | None:
@@ -300,7 +371,7 @@ def _read_coords_h5(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
                     f"{path}: no 'coords' dataset",
                     "pass the CLAM/TRIDENT patches or h5_files file of this slide",
                 )
-            return np.asarray(f["coords"][:], np.int64), {
+            return _as_array(path, f["coords"], "coords", np.int64), {
                 k: plain_attr(v) for k, v in f["coords"].attrs.items()
             }
     except OSError as e:
@@ -314,6 +385,8 @@ def _make_bag(
         feats = feats[0]
     if coords is not None and coords.ndim == 3 and coords.shape[0] == 1:
         coords = coords[0]
+    if feats.ndim == 1 and not feats.size:  # no patches, written without a width
+        feats = feats.reshape(0, 0)
     if feats.ndim == 1:
         raise StoreError(
             f"{p}: features have shape {feats.shape}, expected (N, D): one vector per slide",
@@ -340,9 +413,12 @@ def _make_bag(
                 "rewrite the store with the patch corners in level-0 pixels",
             )
         if len(coords) != len(feats):
+            transposed = feats.shape[1] == len(coords)
             raise StoreError(
                 f"{p}: {len(feats)} features but {len(coords)} coords",
-                "the coords file belongs to another slide or tiling",
+                f"the features look transposed, {feats.shape} = (D, N): write them as (N, D)"
+                if transposed
+                else "the coords file belongs to another slide or tiling",
             )
     for k in ("mpp", "downsample", "encoder_weights_sha256", "slide_path"):
         if attrs.get(k) == "":  # HDF5 attrs cannot hold None; we write "" for "unknown"
@@ -382,18 +458,28 @@ def _level0_size(attrs: dict[str, Any]) -> tuple[int, int] | None:
 
 
 def _patch_size_level0_from_coords_attrs(attrs: dict[str, Any]) -> int | None:
-    """TRIDENT stores ``patch_size_level0``; CLAM's patches h5 ``patch_size`` + ``downsample``."""
-    try:
-        if attrs.get("coords_patch_size_level0"):
-            return int(attrs["coords_patch_size_level0"])
-        ps, ds = attrs.get("coords_patch_size"), attrs.get("coords_downsample")
-        if ps and ds is not None:
-            d = float(ds[0]) if isinstance(ds, list | tuple) else float(ds)
-            return int(round(float(ps) * d))
-        if ps and attrs.get("coords_patch_level") == 0:
-            return int(ps)
-    except (TypeError, ValueError):  # e.g. TRIDENT writes None as the string "None"
-        pass
+    """Level-0 px of a patch side from the ``coords`` attrs: TRIDENT's ``patch_size_level0``,
+    else TRIDENT's own formula ``patch_size * level0_magnification // target_magnification``,
+    else CLAM's patches h5 ``patch_size * downsample`` (or ``patch_size`` at ``patch_level`` 0);
+    None when none of them is there (each is tried alone: TRIDENT writes None as "None")."""
+    ps = attrs.get("coords_patch_size")
+    candidates = (
+        lambda: int(attrs["coords_patch_size_level0"]),
+        lambda: (
+            int(ps)
+            * int(attrs["coords_level0_magnification"])
+            // int(attrs["coords_target_magnification"])
+        ),
+        lambda: int(round(float(ps) * float(np.ravel(attrs["coords_downsample"])[0]))),
+        lambda: int(ps) if attrs.get("coords_patch_level") == 0 else None,
+    )
+    for candidate in candidates:
+        try:
+            v = candidate()
+        except (KeyError, TypeError, ValueError, IndexError, ZeroDivisionError):
+            continue
+        if v is not None and v > 0:
+            return v
     return None
 
 
