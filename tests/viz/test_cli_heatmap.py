@@ -281,6 +281,26 @@ def test_slide_size_check_warns_only_on_a_real_mismatch(
     assert (run / "heatmaps" / "pos.png").is_file()
 
 
+def test_patch_extent_past_the_slide_edge_is_no_mismatch(cli, run_with_slides):
+    """CLAM's h5_files carry no slide size: predict records the patches' extent, which edge
+    patches (CLAM pads them) take past the slide's right and bottom edges."""
+    run = run_with_slides
+    (run / "attention" / "neg.h5").unlink()
+    coords = grid_coords(W, H, PS) + PS // 2  # the last row and column run PS/2 past the edge
+    write_attention_file(
+        run / "attention" / "pos.h5",
+        coords,
+        np.full(len(coords), 1.0 / len(coords)),
+        slide_path=run.parent / "slides" / "pos.tiff",
+        patch_size_level0=PS,
+        level0_size=(W + PS // 2, H + PS // 2),
+        label=1,
+    )
+    r = cli("heatmap", "--run", str(run), "--thumbnail-px", "128", "--top-k", "0")
+    assert r.returncode == 0, r.stderr
+    assert "is it the same slide?" not in r.stderr, r.stderr
+
+
 def test_localisation_summary_names_top_k_only_when_there_is_one(cli, run_with_slides):
     run = run_with_slides
     r = cli("heatmap", "--run", str(run), "--thumbnail-px", "128", "--top-k", "0")

@@ -307,16 +307,19 @@ def _size_mismatch(am: AttentionMap, level0: tuple[int, ...]) -> str | None:
     """What in the attention file does not fit a slide of ``level0`` (width, height), or None.
 
     A recorded size smaller than the slide is no mismatch: stores without the slide size
-    (CLAM's h5_files) leave predict only the extent of the patches to record. Patches may
-    run past the slide's right and bottom edges (edge patches), but none starts outside it.
+    (CLAM's h5_files) leave predict only the extent of the patches to record, and that
+    extent runs past the slide's right and bottom edges when edge patches do (CLAM pads
+    them), so a recorded size equal to it is not compared. No patch may start outside it.
     """
     w, h = (int(v) for v in am.level0_size)
-    if w > level0[0] or h > level0[1]:
-        return f"says {w}x{h}"
+    extent = None
     if len(am.coords) and am.has_coords:
         x, y = (int(v) for v in am.coords.max(axis=0))
         if x >= level0[0] or y >= level0[1]:
             return f"has patches at up to x={x}, y={y}"
+        extent = (x + am.patch_size_level0, y + am.patch_size_level0)
+    if (w, h) != extent and (w > level0[0] or h > level0[1]):
+        return f"says {w}x{h}"
     return None
 
 
