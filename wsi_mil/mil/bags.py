@@ -80,7 +80,7 @@ def check_finite(features: np.ndarray, slide_id: str, path: Path | None = None) 
         bad = int((~np.isfinite(features)).any(axis=1).sum())
         raise DataError(
             f"{path or slide_id}: features of slide {slide_id} contain NaN/inf in {bad} of {len(features)} patches",
-            "re-extract this slide ('wsi-mil extract --overwrite') or drop it from the slide table",
+            "re-extract this slide ('wsi-mil extract --overwrite', or the tool that wrote the file) or drop it from the slide table",
         )
 
 
