@@ -252,20 +252,22 @@ def test_run_defaults_to_runs_default_like_train_and_predict(cli, run_with_slide
 
 
 @pytest.mark.parametrize(
-    "coords_wh, recorded, warns",
+    "coords_wh, offset, recorded, warns",
     [
-        ((W - PS, H - 2 * PS), (W - 2 * PS, H - 2 * PS), False),  # CLAM-like: patch extent only
-        ((W - 2 * PS, H - PS), (0, 0), False),  # no size recorded: inferred from the patches
-        ((W, H), (2 * W, H), True),  # recorded size larger than the slide
-        ((2 * W, H), (W, H), True),  # patches start outside the slide
+        ((W - PS, H - 2 * PS), 0, (W - 2 * PS, H - 2 * PS), False),  # CLAM-like: patch extent only
+        # CLAM pads edge patches: the extent predict records runs past the slide's edges
+        ((W, H), PS // 2, (W + PS // 2, H + PS // 2), False),
+        ((W - 2 * PS, H - PS), 0, (0, 0), False),  # no size recorded: inferred from the patches
+        ((W, H), 0, (2 * W, H), True),  # recorded size larger than the slide
+        ((2 * W, H), 0, (W, H), True),  # patches start outside the slide
     ],
 )
 def test_slide_size_check_warns_only_on_a_real_mismatch(
-    cli, run_with_slides, coords_wh, recorded, warns
+    cli, run_with_slides, coords_wh, offset, recorded, warns
 ):
     run = run_with_slides
     (run / "attention" / "neg.h5").unlink()
-    coords = grid_coords(*coords_wh, PS)
+    coords = grid_coords(*coords_wh, PS) + offset
     write_attention_file(
         run / "attention" / "pos.h5",
         coords,
@@ -279,26 +281,6 @@ def test_slide_size_check_warns_only_on_a_real_mismatch(
     assert r.returncode == 0, r.stderr
     assert ("is it the same slide?" in r.stderr) == warns, r.stderr
     assert (run / "heatmaps" / "pos.png").is_file()
-
-
-def test_patch_extent_past_the_slide_edge_is_no_mismatch(cli, run_with_slides):
-    """CLAM's h5_files carry no slide size: predict records the patches' extent, which edge
-    patches (CLAM pads them) take past the slide's right and bottom edges."""
-    run = run_with_slides
-    (run / "attention" / "neg.h5").unlink()
-    coords = grid_coords(W, H, PS) + PS // 2  # the last row and column run PS/2 past the edge
-    write_attention_file(
-        run / "attention" / "pos.h5",
-        coords,
-        np.full(len(coords), 1.0 / len(coords)),
-        slide_path=run.parent / "slides" / "pos.tiff",
-        patch_size_level0=PS,
-        level0_size=(W + PS // 2, H + PS // 2),
-        label=1,
-    )
-    r = cli("heatmap", "--run", str(run), "--thumbnail-px", "128", "--top-k", "0")
-    assert r.returncode == 0, r.stderr
-    assert "is it the same slide?" not in r.stderr, r.stderr
 
 
 def test_localisation_summary_names_top_k_only_when_there_is_one(cli, run_with_slides):
