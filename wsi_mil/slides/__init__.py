@@ -2,11 +2,14 @@
 
 Backends register themselves in a small registry (name -> class with a
 ``can_open(path)`` classmethod); ``open_slide`` picks the first that accepts the
-file in priority order, or the one named by ``backend=``.
+file in priority order, or the one named by ``backend=``. A backend that declines files
+another one owns (``fallback_after = ("openslide",)``) gets them, through its
+``can_open_fallback(path)``, when that one fails, before lower priorities are tried.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import stat
@@ -29,6 +32,8 @@ __all__ = [
     "slide_id_from_path",
     "write_slide_table",
 ]
+
+log = logging.getLogger(__name__)
 
 # name -> (priority, class); lower priority is tried first
 _REGISTRY: dict[str, tuple[int, type[Slide]]] = {}
@@ -91,6 +96,11 @@ def _open_slide(path: str | os.PathLike, backend: str | None, mpp: float | None)
             f"{p}: not a regular file ({_file_kind(p)})",
             "give the path of a slide file, or of a slide folder (OME-Zarr, MRXS)",
         )
+    if p.is_file() and p.stat().st_size == 0:
+        raise SlideError(
+            f"{p}: the file is empty (0 bytes)",
+            "copy or export it again: an interrupted copy or download leaves empty files",
+        )
     if mpp is not None and not (math.isfinite(float(mpp)) and float(mpp) > 0):
         raise SlideError(
             f"{p}: slide mpp override {mpp} is not a positive finite number",
@@ -112,35 +122,88 @@ def _open_slide(path: str | os.PathLike, backend: str | None, mpp: float | None)
                 "try another --backend or leave it on auto",
             ) from None
     failures: list[tuple[str, SlideError]] = []
-    for name, (_, cls) in sorted(_REGISTRY.items(), key=lambda kv: kv[1][0]):
+    ordered = sorted(_REGISTRY.items(), key=lambda kv: kv[1][0])
+    tried: set[str] = set()
+    for name, (_, cls) in ordered:
         try:
             if not cls.can_open(p):  # type: ignore[attr-defined]
                 continue
-            return cls(p, mpp=mpp)
         except SlideError as e:
             failures.append((name, e))
+            continue
         except Exception as e:  # noqa: BLE001
             failures.append(
                 (name, SlideError(f"{p}: {_short(e)}", "the file may be truncated or corrupt"))
             )
+            continue
+        tried.add(name)
+        slide = _try_backend(name, cls, p, mpp, failures)
+        if slide is not None:
+            return slide
+        # a backend that declined the file in favour of this one may still read it
+        for fname, (_, fcls) in ordered:
+            if fname in tried or name not in getattr(fcls, "fallback_after", ()):
+                continue
+            if not fcls.can_open_fallback(p):  # type: ignore[attr-defined]
+                continue
+            tried.add(fname)
+            slide = _try_backend(fname, fcls, p, mpp, failures)
+            if slide is not None:
+                log.warning(
+                    "%s: the %s backend cannot read it (%s); read with the %s backend instead",
+                    p,
+                    name,
+                    _reason(failures[-1][1], p),
+                    fname,
+                )
+                return slide
     if len(failures) == 1:
         raise failures[0][1]
     if failures:
         # several backends accepted the file type but none could read it: one line with each reason
         reasons: list[str] = []
         for name, e in failures:
-            msg = e.message[len(str(p)) + 2 :] if e.message.startswith(f"{p}: ") else e.message
+            msg = _reason(e, p)
             if not any(msg == r.split(": ", 1)[-1] for r in reasons):
                 reasons.append(f"{name}: {msg}")
         raise SlideError(
             f"{p}: cannot read slide ({'; '.join(reasons)})",
             failures[0][1].hint or "the file may be truncated or corrupt",
         )
+    if p.is_dir():
+        raise SlideError(
+            f"{p}: unknown or unsupported format (a folder, but not an OME-Zarr image)",
+            "give one slide file in it (tile and the other stages take globs, e.g. "
+            f"'{p / '*.svs'}'), or an OME-Zarr folder",
+        )
     raise SlideError(
-        f"{p}: unknown or unsupported format"
-        + (" (a folder, but not an OME-Zarr image)" if p.is_dir() else ""),
+        f"{p}: unknown or unsupported format",
         "supported: SVS/NDPI/MRXS/SCN/VMS/BIF, pyramidal TIFF/OME-TIFF, OME-Zarr, JPEG/PNG/BMP/TIFF",
     )
+
+
+def _try_backend(
+    name: str,
+    cls: type[Slide],
+    p: Path,
+    mpp: float | None,
+    failures: list[tuple[str, SlideError]],
+) -> Slide | None:
+    """``cls(p, mpp=mpp)``, or None with the reason appended to ``failures``."""
+    try:
+        return cls(p, mpp=mpp)
+    except SlideError as e:
+        failures.append((name, e))
+    except Exception as e:  # noqa: BLE001
+        failures.append(
+            (name, SlideError(f"{p}: {_short(e)}", "the file may be truncated or corrupt"))
+        )
+    return None
+
+
+def _reason(e: SlideError, p: Path) -> str:
+    """A backend's error message without the leading ``"<path>: "``."""
+    return e.message[len(str(p)) + 2 :] if e.message.startswith(f"{p}: ") else e.message
 
 
 def _file_kind(p: Path) -> str:

@@ -150,11 +150,31 @@ def is_tiff_file(path: Path) -> bool:
         return False
 
 
-def to_uint8(a: np.ndarray, bits: int | None = None) -> np.ndarray:
-    """Map any integer/float array to uint8 (16-bit -> top 8 bits, float assumed in [0, 1]).
+#: percentile of a float image's samples mapped to white when they exceed 1 (:func:`float_white`)
+FLOAT_WHITE_PERCENTILE = 99.9
+
+
+def float_white(samples: np.ndarray) -> float:
+    """The float sample value :func:`to_uint8` maps to 255 for an image of ``samples`` (a
+    sample of its values), from their :data:`FLOAT_WHITE_PERCENTILE` th percentile ``hi``:
+    1.0 when ``hi <= 1`` (0..1 intensities), 255.0 when ``hi <= 255`` (8-bit values kept as
+    float, which Pillow reads the same way), else ``hi`` (camera or processed values:
+    0..4095, 0..65535, deconvolved). A fixed [0, 1] made all but the first white. NaN and
+    inf are left out."""
+    v = np.asarray(samples, np.float64).ravel()
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return 1.0
+    hi = float(np.percentile(v, FLOAT_WHITE_PERCENTILE))
+    return 1.0 if hi <= 1.0 else 255.0 if hi <= 255.0 else hi
+
+
+def to_uint8(a: np.ndarray, bits: int | None = None, float_max: float = 1.0) -> np.ndarray:
+    """Map any integer/float array to uint8 (16-bit -> top 8 bits, float 0..``float_max``).
 
     ``bits``: significant bits of unsigned samples (e.g. 12 in uint16), at most the stored
-    width; their top 8 become the uint8 value. Signed samples keep their stored width."""
+    width; their top 8 become the uint8 value. Signed samples keep their stored width.
+    ``float_max``: the float value that maps to 255 (:func:`float_white`)."""
     if a.dtype == np.uint8:
         return a
     if a.dtype == bool:
@@ -164,7 +184,8 @@ def to_uint8(a: np.ndarray, bits: int | None = None) -> np.ndarray:
         nbits = min(bits, width) if bits and a.dtype.kind == "u" else width
         shift = max(0, nbits - 8)
         return np.clip(a.astype(np.int64) >> shift, 0, 255).astype(np.uint8)
-    return np.clip(np.nan_to_num(a.astype(np.float32)) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    scale = np.float32(255.0 / float_max)
+    return np.clip(np.nan_to_num(a.astype(np.float32)) * scale + 0.5, 0, 255).astype(np.uint8)
 
 
 def expand_low_bits(a: np.ndarray, bits: int) -> np.ndarray:

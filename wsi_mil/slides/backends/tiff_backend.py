@@ -6,15 +6,16 @@ imagecodecs); a small LRU cache of decoded tiles makes patch-by-patch reading of
 neighbouring patches cheap. Windows aligned to :meth:`tile_grid` decode each tile once.
 
 mpp: OME ``PhysicalSizeX`` (+ unit) > Aperio ``MPP =`` > XResolution/ResolutionUnit
-(centimetre or inch, the same rule OpenSlide applies to generic TIFFs; ImageJ/Fiji TIFFs:
-XResolution in the description's ``unit=``).
+(centimetre or inch, the same rule OpenSlide applies to generic TIFFs, and DNG's millimetre
+and micrometre; ImageJ/Fiji TIFFs: XResolution in the description's ``unit=``).
 
 Pixels: 3-sample RGB/YCbCr as is; grayscale replicated; palette through its colour map;
 alpha composited over white; channels stored as separate grayscale pages (OME / ImageJ
 ``CYX``, ``TCZYX``, ...): channels 0, 1, 2 of the first time point and z-plane as RGB when
 there are at least 3, else channel 0 as gray. Samples wider than 8 bits keep their top 8
 significant bits (OME ``SignificantBits``, else BitsPerSample); grey/RGB samples narrower than
-8 bits (2-, 4-bit) are stretched to 0..255 (palette indices are not). mpp outside
+8 bits (2-, 4-bit) are stretched to 0..255 (palette indices are not); float samples map
+``_util.float_white`` of the smallest level (1.0 for 0..1 data) to 255. mpp outside
 ``_util.MPP_RANGE`` (inf, nan, 0, 1e300) is unknown.
 
 Levels: a level whose width and height are not level 0's divided by one downsample (within
@@ -27,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import mmap
 import os
 import re
 import threading
@@ -45,6 +47,7 @@ from wsi_mil.slides.backends._util import (
     UM_PER_UNIT,
     expand_low_bits,
     first_line,
+    float_white,
     is_tiff_file,
     level_mismatch,
     lower_name,
@@ -62,6 +65,9 @@ log = logging.getLogger(__name__)
 # OpenSlide vendors whose files are TIFFs but carry vendor-specific layout/metadata:
 # those are left to the openslide backend.
 _OPENSLIDE_VENDOR_TIFFS = {"aperio", "hamamatsu", "leica", "philips", "ventana", "trestle"}
+#: ... of which those the tiff backend reads right when OpenSlide cannot open them (levels
+#: are plain tile grids; Ventana/Trestle tiles overlap, Leica SCN places regions)
+_FALLBACK_VENDORS = {"aperio", "hamamatsu", "philips"}
 
 
 @dataclass
@@ -85,6 +91,9 @@ class _Level:
     #: (jpegtables, colorspace, outcolorspace) when tiles are 8-bit 3-sample JPEG that
     #: :meth:`TiffSlide.read_tile` decodes straight into the caller's buffer; else None
     jpeg: tuple[bytes | None, Any, Any] | None = None
+    #: uncompressed strips stored contiguously: read as blocks of seg_w x seg_h px cut from
+    #: the memory-mapped file (a whole-image strip is never decoded at once)
+    raw: bool = False
 
 
 def _segment_extents_ok(page: Any, file_size: int) -> bool:
@@ -193,6 +202,10 @@ def openslide_vendor(path: Path) -> str | None:
         return None
 
 
+#: block side (px) in which uncompressed strip images are read (tiling's untiled block)
+_RAW_BLOCK_PX = 512
+#: segments of the smallest level sampled for the range of float samples
+_FLOAT_SAMPLE_SEGMENTS = 64
 #: top-level pages looked at for pyramid levels tifffile did not list
 _MAX_LEVEL_PAGES = 64
 #: names of associated images (Bio-Formats, vendors) that are not the slide
@@ -206,6 +219,11 @@ class TiffSlide(Slide):
     #: bytes of decoded tiles kept per open slide (LRU)
     cache_bytes: int = 64 << 20
 
+    #: vendor TIFFs OpenSlide detects but cannot open (e.g. an SVS with a tiled label image:
+    #: "Downsampled images not correctly ordered") come here before the image backend, which
+    #: would read level 0 alone, without mpp, or refuse a whole-slide image as too large
+    fallback_after = ("openslide",)
+
     @classmethod
     def can_open(cls, path: Path) -> bool:
         """OME-TIFFs always; other TIFFs unless OpenSlide recognises a vendor format in them."""
@@ -214,6 +232,12 @@ class TiffSlide(Slide):
         if lower_name(path).endswith(OME_TIFF_SUFFIXES):
             return True
         return openslide_vendor(path) not in _OPENSLIDE_VENDOR_TIFFS
+
+    @classmethod
+    def can_open_fallback(cls, path: Path) -> bool:
+        """A vendor TIFF whose levels are plain tile grids (:data:`_FALLBACK_VENDORS`), once
+        OpenSlide, which it was left to, failed on it."""
+        return path.is_file() and is_tiff_file(path) and openslide_vendor(path) in _FALLBACK_VENDORS
 
     def __init__(self, path: str | Path, mpp: float | None = None) -> None:
         import tifffile
@@ -236,6 +260,14 @@ class TiffSlide(Slide):
             self._tf.close()
             raise
         self._fd = os.open(self.path, os.O_RDONLY)
+        self._mmap: mmap.mmap | None = None
+        if any(lv.raw for lv in self._levels):
+            self._mmap = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ)
+        self._float_max = 1.0
+        try:
+            self._float_max = self._measure_float_max()
+        except Exception as e:  # noqa: BLE001 - unreadable tiles fail on read, with their place
+            log.debug("%s: float range not measured (%s)", self.path, e)
         self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._cache_used = 0
         self._lock = threading.Lock()
@@ -332,14 +364,19 @@ class TiffSlide(Slide):
         if photometric == 3:
             cm = np.asarray(page.colormap)
             colormap = to_uint8(cm, 16 if cm.dtype == np.uint16 else None).T.copy()  # (n, 3)
+        w, h = int(page.imagewidth), int(page.imagelength)
+        # uncompressed strips in one run of bytes (tifffile and Pillow write one strip of
+        # the whole image): blocks cut from the mapped file, not whole strips decoded
+        raw = not page.is_tiled and all(_is_raw_strips(p) for p in pages)
         if page.is_tiled:
             seg_w, seg_h = int(page.tilewidth), int(page.tilelength)
+        elif raw:
+            seg_w, seg_h = min(w, _RAW_BLOCK_PX), min(h, _RAW_BLOCK_PX)
         else:
             seg_w, seg_h = (
                 int(page.imagewidth),
                 int(min(page.rowsperstrip or page.imagelength, page.imagelength)),
             )
-        w, h = int(page.imagewidth), int(page.imagelength)
         jpeg = jpeg_tile_codec(page) if len(pages) == 1 else None
         return _Level(
             width=w,
@@ -357,6 +394,7 @@ class TiffSlide(Slide):
             alpha=alpha,
             colormap=colormap,
             jpeg=jpeg,
+            raw=raw,
         )
 
     def set_significant_bits(self, bits: int) -> None:
@@ -513,6 +551,19 @@ class TiffSlide(Slide):
         return tile
 
     def _decode_tile(self, lv: _Level, seg: int) -> np.ndarray:
+        arr = self._tile_samples(lv, seg)
+        if lv.bits < 8 and lv.photometric != 3:  # 2-, 4-bit ... grey/RGB: 0..2**bits-1 -> 0..255
+            arr = expand_low_bits(arr, lv.bits)
+        arr = to_uint8(arr, lv.bits if lv.bits >= 8 else None, self._float_max)
+        if lv.photometric == 0:  # MinIsWhite
+            arr = 255 - arr
+        elif lv.photometric == 3 and lv.colormap is not None:
+            return lv.colormap[arr[..., 0]]
+        return to_rgb(arr, lv.alpha)
+
+    def _tile_samples(self, lv: _Level, seg: int) -> np.ndarray:
+        """(seg_h, seg_w, samples) stored samples of segment ``seg`` (channel pages and planes
+        stacked), before any mapping to uint8."""
         per_plane = lv.n_across * lv.n_down
         if len(lv.pages) > 1:  # one grayscale page per channel
             planes = [self._decode_segment(p, seg, lv)[..., 0] for p in lv.pages]
@@ -525,17 +576,30 @@ class TiffSlide(Slide):
             arr = np.stack(planes, axis=-1)
         else:
             arr = self._decode_segment(lv.pages[0], seg, lv)
-        if lv.bits < 8 and lv.photometric != 3:  # 2-, 4-bit ... grey/RGB: 0..2**bits-1 -> 0..255
-            arr = expand_low_bits(arr, lv.bits)
-        arr = to_uint8(arr, lv.bits if lv.bits >= 8 else None)
-        if lv.photometric == 0:  # MinIsWhite
-            arr = 255 - arr
-        elif lv.photometric == 3 and lv.colormap is not None:
-            return lv.colormap[arr[..., 0]]
-        return to_rgb(arr, lv.alpha)
+        return arr
+
+    def _measure_float_max(self) -> float:
+        """The float sample value that maps to 255 (:func:`float_white`), from up to
+        :data:`_FLOAT_SAMPLE_SEGMENTS` segments spread over the smallest level; 1.0 for
+        integer images."""
+        lv = self._levels[-1]
+        if np.dtype(lv.pages[0].dtype).kind != "f":
+            return 1.0
+        n = lv.n_across * lv.n_down
+        parts = []
+        for seg in np.unique(np.linspace(0, n - 1, min(n, _FLOAT_SAMPLE_SEGMENTS)).astype(int)):
+            row, col = divmod(int(seg), lv.n_across)
+            h = min(lv.seg_h, lv.height - row * lv.seg_h)
+            w = min(lv.seg_w, lv.width - col * lv.seg_w)
+            a = self._tile_samples(lv, int(seg))
+            if a.dtype.kind == "f":  # not a missing (white) segment
+                parts.append(a[:h, :w, :3].ravel())
+        return float_white(np.concatenate(parts)) if parts else 1.0
 
     def _decode_segment(self, page: Any, index: int, lv: _Level) -> np.ndarray:
         """(seg_h, seg_w, samples) array of one segment; missing (sparse) segments are white."""
+        if lv.raw:
+            return self._raw_block(page, index, lv)
         offset, count = page.dataoffsets[index], page.databytecounts[index]
         spp = 1 if (lv.planar or len(lv.pages) > 1) else lv.samples
         if not count or not offset:
@@ -555,6 +619,29 @@ class TiffSlide(Slide):
             arr = pad
         return arr
 
+    def _raw_block(self, page: Any, index: int, lv: _Level) -> np.ndarray:
+        """Block ``index`` (numbered like segments) of an uncompressed page, copied from the
+        memory-mapped file: (seg_h, seg_w, samples), the part past the image edge zero."""
+        plane, seg = divmod(index, lv.n_across * lv.n_down)
+        row, col = divmod(seg, lv.n_across)
+        y0, x0 = row * lv.seg_h, col * lv.seg_w
+        y1, x1 = min(y0 + lv.seg_h, lv.height), min(x0 + lv.seg_w, lv.width)
+        spp = int(page.samplesperpixel)
+        planar = int(page.planarconfig) == 2 and spp > 1
+        stored = np.dtype(page.dtype).newbyteorder(self._tf.byteorder)
+        if os.fstat(self._fd).st_size < int(page.dataoffsets[0]) + int(page.nbytes):
+            # touching mapped bytes past the end of the file would kill the process (SIGBUS)
+            raise SlideError(
+                f"{self.path}: the file is shorter than when it was opened (cut or being rewritten)",
+                "wait until it is written completely, or copy it again",
+            )
+        # the whole page as (planes, height, width, samples), a view of the file's bytes
+        shape = (spp, lv.height, lv.width, 1) if planar else (1, lv.height, lv.width, spp)
+        image = np.ndarray(shape, stored, buffer=self._mmap, offset=int(page.dataoffsets[0]))
+        out = np.zeros((lv.seg_h, lv.seg_w, shape[3]), stored.newbyteorder("="))
+        out[: y1 - y0, : x1 - x0] = image[plane, y0:y1, x0:x1]
+        return out
+
     def properties(self) -> dict:
         d = super().properties()
         d["tiff_series"] = self._series_index
@@ -562,6 +649,10 @@ class TiffSlide(Slide):
         return d
 
     def close(self) -> None:
+        if getattr(self, "_mmap", None) is not None:
+            with contextlib.suppress(BufferError):  # a block being copied: freed with it
+                self._mmap.close()
+            self._mmap = None
         if getattr(self, "_fd", None) is not None:
             os.close(self._fd)
             self._fd = None
@@ -574,6 +665,21 @@ class TiffSlide(Slide):
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
             self.close()
+
+
+def _is_raw_strips(page: Any) -> bool:
+    """Whether ``page`` holds uncompressed, byte-aligned samples (8 to 64 bits, no predictor,
+    normal fill order, no subsampling) in one run of bytes from its first strip on."""
+    try:
+        return bool(
+            not page.is_tiled
+            and page.is_final
+            and page.dtype is not None
+            and page.dtype != bool
+            and sum(int(c) for c in page.databytecounts) >= page.nbytes
+        )
+    except Exception:  # noqa: BLE001 - any doubt: decode strip by strip
+        return False
 
 
 @dataclass
@@ -683,8 +789,9 @@ def _ome_significant_bits(xml: str, series_index: int) -> int | None:
 
 
 def _resolution_mpp(page: Any, um_per_unit: float | None = None) -> float | None:
-    """µm/px from XResolution + ResolutionUnit (centimetre or inch), as OpenSlide reports it;
-    with ResolutionUnit "none", ``um_per_unit`` µm per resolution unit when given (ImageJ)."""
+    """µm/px from XResolution + ResolutionUnit (centimetre or inch, as OpenSlide reports it;
+    also DNG's millimetre and micrometre, ``resolutionunit="MICROMETER"`` in tifffile); with
+    ResolutionUnit "none", ``um_per_unit`` µm per resolution unit when given (ImageJ)."""
     tag = page.tags.get("XResolution")
     unit_tag = page.tags.get("ResolutionUnit")
     if tag is None or unit_tag is None:
@@ -698,6 +805,8 @@ def _resolution_mpp(page: Any, um_per_unit: float | None = None) -> float | None
         return 1e4 / px_per_unit
     if unit == 2:
         return 25400.0 / px_per_unit
+    if unit in (4, 5):  # millimetre, micrometre: DNG's units, which tifffile writes on request
+        return (1e3 if unit == 4 else 1.0) / px_per_unit
     if unit == 1 and um_per_unit:
         return um_per_unit / px_per_unit
     return None

@@ -6,14 +6,17 @@ from the axis ``unit`` to µm (None when the axis has no unit). Axes may be any 
 order (``c,y,x``, ``t,c,z,y,x``, ...) and also the non-standard ``y,x,c``; t/z take index 0.
 Channels: 3 or more -> channels 0, 1, 2 as RGB (a 4th, e.g. alpha, is ignored); 1 or 2
 -> channel 0 as gray, replicated. Samples wider than 8 bits keep their top 8 bits (uint16:
-``>> 8``; floats are taken as 0..1). A bioformats2raw layout (image in ``0/``) is followed.
+``>> 8``; floats map ``_util.float_white`` of the smallest level to 255: 1.0 for 0..1
+data, 255 for 8-bit values). A bioformats2raw layout (image in ``0/``) is followed.
 Empty (zero-size) levels and levels whose x and y downsamples differ beyond rounding are
 dropped (an empty level 0 is an error); an mpp outside ``_util.MPP_RANGE`` is unknown.
-Malformed metadata is a :class:`SlideError` naming the key and what was expected.
+Malformed metadata is a :class:`SlideError` naming the key and what was expected; an HCS
+plate (wells of fields) is one too, naming a field image to give instead.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from pathlib import Path
@@ -26,6 +29,7 @@ from wsi_mil.slides import register_backend
 from wsi_mil.slides.backends._util import (
     UM_PER_UNIT,
     first_line,
+    float_white,
     level_mismatch,
     lower_name,
     to_rgb,
@@ -37,6 +41,8 @@ from wsi_mil.slides.base import Slide, TileGrid
 log = logging.getLogger(__name__)
 
 _ZARR_MARKERS = ("zarr.json", ".zgroup", ".zattrs", ".zarray")
+#: side (px) of the central square of the smallest level sampled for the range of floats
+_FLOAT_SAMPLE_PX = 2048
 
 
 def _looks_like_zarr(path: Path) -> bool:
@@ -63,15 +69,31 @@ class ZarrSlide(Slide):
                 from zarr.storage import ZipStore
 
                 self._store = ZipStore(self.path, mode="r")
-                root = zarr.open_group(self._store, mode="r")
+                root = zarr.open_group(self._store, mode="r", path=_zip_group_path(self.path))
             else:
                 root = zarr.open_group(str(self.path), mode="r")
         except Exception as e:  # noqa: BLE001
+            self.close()
+            if _is_zarr_array(self.path) and _looks_like_zarr(self.path.parent):
+                raise SlideError(
+                    f"{self.path}: a zarr array (one pyramid level), not an OME-Zarr image",
+                    f"give the image folder that holds its multiscales metadata, e.g. {self.path.parent}",
+                ) from None
+            if _is_zarr_array(self.path):
+                raise SlideError(
+                    f"{self.path}: a plain zarr array, not an OME-Zarr image (no multiscales metadata)",
+                    "write it as OME-Zarr (e.g. ome-zarr-py's write_image) or as a TIFF",
+                ) from None
             raise SlideError(
                 f"{self.path}: not a readable zarr group ({first_line(e)})",
                 "an OME-Zarr image is a folder with zarr.json (zarr v3) or .zgroup/.zattrs (zarr v2)",
             ) from None
         group, ms, self.ngff_version, key = _find_multiscales(root, self.path)
+        if ms is None and (field := _first_plate_field(root)) is not None:
+            raise SlideError(
+                f"{self.path}: an OME-Zarr HCS plate (wells of images), not one image",
+                f"give one field's image folder as the slide, e.g. {self.path / field}",
+            )
         if ms is None:
             raise SlideError(
                 f"{self.path}: zarr group has no OME-NGFF 'multiscales' metadata (empty or not an OME-Zarr image)",
@@ -129,6 +151,11 @@ class ZarrSlide(Slide):
         self._native_mpp = _ngff_mpp(ms, datasets[0], self._axes, self.path, key)
         n_c = int(self._arrays[0].shape[self._ci]) if self._ci is not None else 1
         self._channels: list[int] = [0, 1, 2] if n_c >= 3 else [0]
+        self._float_max = 1.0
+        try:
+            self._float_max = self._measure_float_max()
+        except Exception as e:  # noqa: BLE001 - unreadable chunks fail on read, with their place
+            log.debug("%s: float range not measured (%s)", self.path, e)
 
     @property
     def level_dimensions(self) -> list[tuple[int, int]]:
@@ -143,6 +170,11 @@ class ZarrSlide(Slide):
         return TileGrid(int(chunks[self._xi]), int(chunks[self._yi]))
 
     def _read_level(self, level: int, lx: int, ly: int, w: int, h: int) -> np.ndarray:
+        data = self._samples(level, lx, ly, w, h)
+        return to_rgb(to_uint8(data, self.significant_bits, self._float_max))
+
+    def _samples(self, level: int, lx: int, ly: int, w: int, h: int) -> np.ndarray:
+        """(h, w, channels) stored samples of the window at ``level`` px (lx, ly)."""
         arr = self._arrays[self._levels[level]]
         sel: list[Any] = []
         for i, _a in enumerate(self._axes):
@@ -163,7 +195,17 @@ class ZarrSlide(Slide):
         data = np.transpose(data, order)
         if data.ndim == 2:
             data = data[:, :, None]
-        return to_rgb(to_uint8(data, self.significant_bits))
+        return data
+
+    def _measure_float_max(self) -> float:
+        """The float sample value that maps to 255 (:func:`float_white`), from the smallest
+        level (at most its central :data:`_FLOAT_SAMPLE_PX` square); 1.0 for integer data."""
+        if np.dtype(self._arrays[self._levels[-1]].dtype).kind != "f":
+            return 1.0
+        level = len(self._levels) - 1
+        lw, lh = self._dims[level]
+        w, h = min(lw, _FLOAT_SAMPLE_PX), min(lh, _FLOAT_SAMPLE_PX)
+        return float_white(self._samples(level, (lw - w) // 2, (lh - h) // 2, w, h))
 
     def properties(self) -> dict:
         d = super().properties()
@@ -199,6 +241,58 @@ def _find_multiscales(root: Any, path: Path) -> tuple[Any, dict | None, str | No
             first = _first_multiscale(ms, "multiscales", path)
             return group, first, str(first.get("version", "0.4")), "multiscales[0]"
     return root, None, None, ""
+
+
+def _zip_group_path(path: Path) -> str:
+    """Where the zarr group lies in zip file ``path``: "" (the zip's root, as NGFF's zipped
+    OME-Zarr has it), else the shallowest folder with group metadata, as ``zip -r x.zip
+    x.zarr`` makes ("x.zarr")."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as zf:
+        names = zf.namelist()
+    folders = {n.rsplit("/", 1)[0] if "/" in n else "" for n in names if _is_meta_name(n)}
+    if not folders or "" in folders:
+        return ""
+    return min(folders, key=lambda f: (f.count("/"), f))
+
+
+def _is_meta_name(name: str) -> bool:
+    return name.rsplit("/", 1)[-1] in ("zarr.json", ".zgroup", ".zattrs")
+
+
+def _is_zarr_array(path: Path) -> bool:
+    """Whether folder ``path`` is a zarr array (v2 ``.zarray``, v3 ``zarr.json`` of an array)."""
+    if not path.is_dir():
+        return False
+    if (path / ".zarray").is_file():
+        return True
+    try:
+        meta = json.loads((path / "zarr.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("node_type") == "array"
+
+
+def _ngff_attrs(group: Any) -> dict:
+    """A group's NGFF attributes: under ``ome`` (NGFF 0.5) or at the top level (0.4)."""
+    attrs = dict(group.attrs)
+    ome = attrs.get("ome")
+    return ome if isinstance(ome, dict) else attrs
+
+
+def _first_plate_field(root: Any) -> str | None:
+    """Path of the first well's first field image ("A/1/0") when ``root`` is an NGFF HCS
+    plate, else None."""
+    try:
+        plate = _ngff_attrs(root).get("plate")
+        if not isinstance(plate, dict):
+            return None
+        well = str(plate["wells"][0]["path"]).strip("/")
+        images = _ngff_attrs(root[well]).get("well", {}).get("images") or [{"path": "0"}]
+        return f"{well}/{str(images[0]['path']).strip('/')}"
+    except Exception:  # noqa: BLE001 - a plate without wells: the usual message
+        return None
 
 
 def _bad_metadata(path: Path, key: str, got: Any, expected: str) -> SlideError:
