@@ -155,7 +155,7 @@ def test_clam_pt_files_load_without_torch_safe_globals(tmp_path, monkeypatch):
     assert np.array_equal(bag.features, feats) and bag.coords is None
 
 
-def test_clam_h5_without_its_pt_is_refused(tmp_path):
+def test_clam_h5_without_its_pt_is_refused(tmp_path, monkeypatch):
     """A CLAM job killed (or still running) mid-slide leaves h5_files/<id>.h5 with the first
     batches and no pt_files/<id>.pt: it was read as a complete, smaller bag."""
     feats, coords = _data(n=12)
@@ -173,6 +173,10 @@ def test_clam_h5_without_its_pt_is_refused(tmp_path):
     with pytest.raises(StoreError, match=r"without its pt_files/part\.pt") as e:
         open_features(root / "h5_files" / "part.h5")
     assert "extract_features_fp.py" in e.value.hint
+    monkeypatch.chdir(root / "h5_files")  # the bare file name, from inside h5_files/
+    with pytest.raises(StoreError, match=r"without its pt_files/part\.pt"):
+        open_features(Path("part.h5"))
+    monkeypatch.chdir(tmp_path)
     # an h5_files folder of ours (written whole) needs no .pt twins
     write_features(root / "h5_files" / "ours.h5", feats, coords, {}, 256, 0)
     assert len(open_features(root / "h5_files" / "ours.h5")) == 12
@@ -187,6 +191,8 @@ def test_clam_h5_without_its_pt_is_refused(tmp_path):
         # TRIDENT coords without patch_size_level0: its own formula, 256 px at 20x of a 40x
         # scan -> 512 (the 448 px grid step of a 32 px overlap was taken for the patch size)
         ({"patch_size": 256, "level0_magnification": 40, "target_magnification": 20}, 512),
+        # rounded as TRIDENT rounds it: 224 * 40 / 30 = 298.7 -> 299 (floor division gave 298)
+        ({"patch_size": 224, "level0_magnification": 40, "target_magnification": 30}, 299),
         # "None" (TRIDENT's None) in one attr hid CLAM's patch_size * downsample
         ({"patch_size_level0": "None", "patch_size": 256, "downsample": [2.0, 2.0]}, 512),
     ],

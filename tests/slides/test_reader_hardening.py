@@ -303,6 +303,20 @@ def test_float_samples_of_8bit_values_are_not_white(tmp_path, kind):
         assert np.abs(got.astype(int) - IMG).max() <= 1, path.name
 
 
+def test_float_intensities_overshooting_1_a_little_stay_0_to_1(tmp_path):
+    """0..1 intensities with a few values just above 1 (stain normalisation overshoots) are
+    still 0..1, clipped: not taken for 8-bit values (which made them nearly black)."""
+    rng = np.random.default_rng(2)
+    img = rng.uniform(0.6, 0.98, (300, 410)).astype(np.float32)
+    img.ravel()[rng.choice(img.size, img.size // 500, replace=False)] = 1.02  # 0.2 %
+    path = tmp_path / "norm.tif"
+    tifffile.imwrite(path, img, tile=(64, 64), compression="zlib")
+    with open_slide(path) as s:
+        got = s.read_region(0, 0, 0, 410, 300)[..., 0].astype(int)
+    exp = np.clip(img * 255 + 0.5, 0, 255).astype(int)
+    assert np.abs(got - exp).max() <= 1
+
+
 def test_float_camera_values_span_the_8bit_range(tmp_path):
     """A float image of 12-bit camera values (0..4095, a few hot pixels far above) maps its
     99.9th percentile to white: cells stay visible, not white (0..1) nor black (0..65535)."""
@@ -321,9 +335,9 @@ def test_float_camera_values_span_the_8bit_range(tmp_path):
 
 
 def test_uncompressed_tiff_cut_after_opening_is_an_error_not_a_crash(tmp_path):
-    """Blocks of uncompressed strips come from the mapped file: bytes past its end would
-    kill the process (SIGBUS); a file cut after opening is a SlideError instead. Run in a
-    subprocess, so a crash fails this test only."""
+    """Blocks of uncompressed strips are read from the file as they are needed: a file cut
+    after opening is a SlideError, not a crash or zeros. Run in a subprocess, so a crash
+    fails this test only."""
     import subprocess
     import sys
 
@@ -348,12 +362,14 @@ except SlideError as e:
 
 def test_openslide_refusing_a_detected_vendor_file_says_so(tmp_path, cli):
     """Forced onto OpenSlide, the same file is not "not recognised as a slide" (OpenSlide
-    detects it as Aperio): the message says it cannot open it and names the tiff backend."""
+    detects it as Aperio): the message says it cannot open it and that auto also tries the
+    tiff backend (which reads Aperio levels right)."""
     path = _svs_with_tiled_label(tmp_path / "odd.svs", test_image(600, 820, seed=4))
     proc = cli("info", str(path), "--backend", "openslide")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
-    assert "detects the 'aperio' format but cannot open it" in line and "--backend tiff" in line
+    assert "detects the 'aperio' format but cannot open it" in line
+    assert "--backend auto then also tries the tiff backend" in line
 
 
 @pytest.mark.parametrize("zarr_format", [2, 3])

@@ -261,6 +261,7 @@ def _check_clam_h5_complete(p: Path) -> None:
     """CLAM's ``extract_features_fp.py`` appends ``h5_files/<id>.h5`` batch by batch and writes
     ``pt_files/<id>.pt`` only when the slide is done: an h5 without its ``.pt`` twin, next to a
     ``pt_files/`` folder in use, is a slide still being extracted (or a killed job's part)."""
+    p = p.absolute()  # a bare file name given from inside h5_files/ too
     if p.parent.name != "h5_files":
         return
     pt_dir = p.parent.parent / "pt_files"
@@ -459,16 +460,18 @@ def _level0_size(attrs: dict[str, Any]) -> tuple[int, int] | None:
 
 def _patch_size_level0_from_coords_attrs(attrs: dict[str, Any]) -> int | None:
     """Level-0 px of a patch side from the ``coords`` attrs: TRIDENT's ``patch_size_level0``,
-    else TRIDENT's own formula ``patch_size * level0_magnification // target_magnification``,
+    else TRIDENT's own formula ``round(patch_size * level0_magnification / target_magnification)``,
     else CLAM's patches h5 ``patch_size * downsample`` (or ``patch_size`` at ``patch_level`` 0);
     None when none of them is there (each is tried alone: TRIDENT writes None as "None")."""
     ps = attrs.get("coords_patch_size")
     candidates = (
         lambda: int(attrs["coords_patch_size_level0"]),
-        lambda: (
-            int(ps)
-            * int(attrs["coords_level0_magnification"])
-            // int(attrs["coords_target_magnification"])
+        lambda: int(  # as TRIDENT's coords_to_h5 computes it
+            round(
+                float(ps)
+                * float(attrs["coords_level0_magnification"])
+                / float(attrs["coords_target_magnification"])
+            )
         ),
         lambda: int(round(float(ps) * float(np.ravel(attrs["coords_downsample"])[0]))),
         lambda: int(ps) if attrs.get("coords_patch_level") == 0 else None,

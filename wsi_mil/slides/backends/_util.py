@@ -152,12 +152,15 @@ def is_tiff_file(path: Path) -> bool:
 
 #: percentile of a float image's samples mapped to white when they exceed 1 (:func:`float_white`)
 FLOAT_WHITE_PERCENTILE = 99.9
+#: float images whose percentile is at most this are 0..1 intensities (values above 1 clip)
+FLOAT_UNIT_MAX = 2.0
 
 
 def float_white(samples: np.ndarray) -> float:
     """The float sample value :func:`to_uint8` maps to 255 for an image of ``samples`` (a
     sample of its values), from their :data:`FLOAT_WHITE_PERCENTILE` th percentile ``hi``:
-    1.0 when ``hi <= 1`` (0..1 intensities), 255.0 when ``hi <= 255`` (8-bit values kept as
+    1.0 when ``hi <= FLOAT_UNIT_MAX`` (0..1 intensities, some overshooting a little, e.g.
+    after stain normalisation: clipped), 255.0 when ``hi <= 255`` (8-bit values kept as
     float, which Pillow reads the same way), else ``hi`` (camera or processed values:
     0..4095, 0..65535, deconvolved). A fixed [0, 1] made all but the first white. NaN and
     inf are left out."""
@@ -166,7 +169,7 @@ def float_white(samples: np.ndarray) -> float:
     if v.size == 0:
         return 1.0
     hi = float(np.percentile(v, FLOAT_WHITE_PERCENTILE))
-    return 1.0 if hi <= 1.0 else 255.0 if hi <= 255.0 else hi
+    return 1.0 if hi <= FLOAT_UNIT_MAX else 255.0 if hi <= 255.0 else hi
 
 
 def to_uint8(a: np.ndarray, bits: int | None = None, float_max: float = 1.0) -> np.ndarray:

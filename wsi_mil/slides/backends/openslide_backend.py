@@ -94,14 +94,19 @@ class OpenSlideSlide(Slide):
         try:
             self._os = openslide.OpenSlide(str(self.path))
         except openslide.OpenSlideUnsupportedFormatError:
-            from wsi_mil.slides.backends.tiff_backend import openslide_vendor
+            from wsi_mil.slides.backends.tiff_backend import FALLBACK_VENDORS, openslide_vendor
 
             vendor = openslide_vendor(self.path)
             if vendor is not None:  # e.g. an SVS whose label image is tiled like a level
                 raise SlideError(
                     f"{self.path}: OpenSlide detects the {vendor!r} format but cannot open it",
                     "the file may be damaged or written by a converter OpenSlide does not "
-                    "follow; for a TIFF, --backend tiff may read it",
+                    "follow"
+                    + (
+                        " (--backend auto then also tries the tiff backend)"
+                        if vendor in FALLBACK_VENDORS
+                        else ""
+                    ),
                 ) from None
             raise SlideError(
                 f"{self.path}: OpenSlide does not recognise this file as a slide",

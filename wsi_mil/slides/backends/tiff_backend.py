@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import mmap
 import os
 import re
 import threading
@@ -67,7 +66,7 @@ log = logging.getLogger(__name__)
 _OPENSLIDE_VENDOR_TIFFS = {"aperio", "hamamatsu", "leica", "philips", "ventana", "trestle"}
 #: ... of which those the tiff backend reads right when OpenSlide cannot open them (levels
 #: are plain tile grids; Ventana/Trestle tiles overlap, Leica SCN places regions)
-_FALLBACK_VENDORS = {"aperio", "hamamatsu", "philips"}
+FALLBACK_VENDORS = {"aperio", "hamamatsu", "philips"}
 
 
 @dataclass
@@ -91,8 +90,8 @@ class _Level:
     #: (jpegtables, colorspace, outcolorspace) when tiles are 8-bit 3-sample JPEG that
     #: :meth:`TiffSlide.read_tile` decodes straight into the caller's buffer; else None
     jpeg: tuple[bytes | None, Any, Any] | None = None
-    #: uncompressed strips stored contiguously: read as blocks of seg_w x seg_h px cut from
-    #: the memory-mapped file (a whole-image strip is never decoded at once)
+    #: uncompressed strips stored contiguously: read as blocks of seg_w x seg_h px straight
+    #: from the file (a whole-image strip is never decoded at once)
     raw: bool = False
 
 
@@ -235,9 +234,9 @@ class TiffSlide(Slide):
 
     @classmethod
     def can_open_fallback(cls, path: Path) -> bool:
-        """A vendor TIFF whose levels are plain tile grids (:data:`_FALLBACK_VENDORS`), once
+        """A vendor TIFF whose levels are plain tile grids (:data:`FALLBACK_VENDORS`), once
         OpenSlide, which it was left to, failed on it."""
-        return path.is_file() and is_tiff_file(path) and openslide_vendor(path) in _FALLBACK_VENDORS
+        return path.is_file() and is_tiff_file(path) and openslide_vendor(path) in FALLBACK_VENDORS
 
     def __init__(self, path: str | Path, mpp: float | None = None) -> None:
         import tifffile
@@ -260,9 +259,6 @@ class TiffSlide(Slide):
             self._tf.close()
             raise
         self._fd = os.open(self.path, os.O_RDONLY)
-        self._mmap: mmap.mmap | None = None
-        if any(lv.raw for lv in self._levels):
-            self._mmap = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ)
         self._float_max = 1.0
         try:
             self._float_max = self._measure_float_max()
@@ -366,7 +362,7 @@ class TiffSlide(Slide):
             colormap = to_uint8(cm, 16 if cm.dtype == np.uint16 else None).T.copy()  # (n, 3)
         w, h = int(page.imagewidth), int(page.imagelength)
         # uncompressed strips in one run of bytes (tifffile and Pillow write one strip of
-        # the whole image): blocks cut from the mapped file, not whole strips decoded
+        # the whole image): blocks read from the file, not whole strips decoded
         raw = not page.is_tiled and all(_is_raw_strips(p) for p in pages)
         if page.is_tiled:
             seg_w, seg_h = int(page.tilewidth), int(page.tilelength)
@@ -620,26 +616,36 @@ class TiffSlide(Slide):
         return arr
 
     def _raw_block(self, page: Any, index: int, lv: _Level) -> np.ndarray:
-        """Block ``index`` (numbered like segments) of an uncompressed page, copied from the
-        memory-mapped file: (seg_h, seg_w, samples), the part past the image edge zero."""
+        """Block ``index`` (numbered like segments) of an uncompressed page, read row by row
+        with ``os.pread`` (no memory map: no address-space cost, no SIGBUS on a file cut while
+        open): (seg_h, seg_w, samples), the part past the image edge zero."""
         plane, seg = divmod(index, lv.n_across * lv.n_down)
         row, col = divmod(seg, lv.n_across)
         y0, x0 = row * lv.seg_h, col * lv.seg_w
         y1, x1 = min(y0 + lv.seg_h, lv.height), min(x0 + lv.seg_w, lv.width)
         spp = int(page.samplesperpixel)
-        planar = int(page.planarconfig) == 2 and spp > 1
+        n_samples = 1 if int(page.planarconfig) == 2 and spp > 1 else spp
         stored = np.dtype(page.dtype).newbyteorder(self._tf.byteorder)
-        if os.fstat(self._fd).st_size < int(page.dataoffsets[0]) + int(page.nbytes):
-            # touching mapped bytes past the end of the file would kill the process (SIGBUS)
-            raise SlideError(
-                f"{self.path}: the file is shorter than when it was opened (cut or being rewritten)",
-                "wait until it is written completely, or copy it again",
+        px_bytes = n_samples * stored.itemsize
+        row_bytes = lv.width * px_bytes
+        # planar: ``plane`` is the sample plane, stored after the planes before it
+        base = int(page.dataoffsets[0]) + plane * lv.height * row_bytes
+        out = np.zeros((lv.seg_h, lv.seg_w, n_samples), stored.newbyteorder("="))
+        full_rows = x0 == 0 and x1 == lv.width
+        # whole rows: one read for the block; else one read per row of the block
+        spans = [(y0, y1)] if full_rows else [(y, y + 1) for y in range(y0, y1)]
+        for ya, yb in spans:
+            n = (yb - ya) * row_bytes if full_rows else (x1 - x0) * px_bytes
+            data = os.pread(self._fd, n, base + ya * row_bytes + x0 * px_bytes)
+            if len(data) < n:
+                raise SlideError(
+                    f"{self.path}: the file is shorter than when it was opened (cut or being "
+                    "rewritten)",
+                    "wait until it is written completely, or copy it again",
+                )
+            out[ya - y0 : yb - y0, : x1 - x0] = np.frombuffer(data, stored).reshape(
+                yb - ya, x1 - x0, n_samples
             )
-        # the whole page as (planes, height, width, samples), a view of the file's bytes
-        shape = (spp, lv.height, lv.width, 1) if planar else (1, lv.height, lv.width, spp)
-        image = np.ndarray(shape, stored, buffer=self._mmap, offset=int(page.dataoffsets[0]))
-        out = np.zeros((lv.seg_h, lv.seg_w, shape[3]), stored.newbyteorder("="))
-        out[: y1 - y0, : x1 - x0] = image[plane, y0:y1, x0:x1]
         return out
 
     def properties(self) -> dict:
@@ -649,10 +655,6 @@ class TiffSlide(Slide):
         return d
 
     def close(self) -> None:
-        if getattr(self, "_mmap", None) is not None:
-            with contextlib.suppress(BufferError):  # a block being copied: freed with it
-                self._mmap.close()
-            self._mmap = None
         if getattr(self, "_fd", None) is not None:
             os.close(self._fd)
             self._fd = None
