@@ -88,6 +88,14 @@ class ZarrSlide(Slide):
                 f"{self.path}: not a readable zarr group ({first_line(e)})",
                 "an OME-Zarr image is a folder with zarr.json (zarr v3) or .zgroup/.zattrs (zarr v2)",
             ) from None
+        try:
+            self._read_image(root)
+        except BaseException:
+            self.close()  # a zipped image's file handle
+            raise
+
+    def _read_image(self, root: Any) -> None:
+        """Levels, axes, channels and mpp of the OME-Zarr image under ``root``."""
         group, ms, self.ngff_version, key = _find_multiscales(root, self.path)
         if ms is None and (field := _first_plate_field(root)) is not None:
             raise SlideError(
