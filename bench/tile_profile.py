@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import resource
 import shutil
 import statistics
 import sys
@@ -46,11 +45,6 @@ ROLES = {
     "store-encode": "write",
     "tile-qc": "QC",
 }
-
-
-def cpu_s() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
 
 
 def main() -> None:
@@ -109,9 +103,9 @@ def main() -> None:
                 work=work, patch_size=224, tissue="none", workers=workers, compression="none"
             )
             thread_cpu.clear()
-            main0, c0, t0 = time.thread_time(), cpu_s(), time.perf_counter()
+            main0, c0, t0 = time.thread_time(), bench_tile.cpu_s(), time.perf_counter()
             res = tile_slides(cfg, [SlideEntry("bench", slide)], progress=False)
-            wall, cpu = time.perf_counter() - t0, cpu_s() - c0
+            wall, cpu = time.perf_counter() - t0, bench_tile.cpu_s() - c0
             assert res.exit_code == 0, res.summary()
             thread_cpu["main"] = time.thread_time() - main0
             if rep == 0:

@@ -15,6 +15,7 @@ import os
 import stat
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from wsi_mil.errors import SlideError
 from wsi_mil.slides.base import PAD_VALUE, Slide, TileGrid
@@ -125,19 +126,10 @@ def _open_slide(path: str | os.PathLike, backend: str | None, mpp: float | None)
     ordered = sorted(_REGISTRY.items(), key=lambda kv: kv[1][0])
     tried: set[str] = set()
     for name, (_, cls) in ordered:
-        try:
-            if not cls.can_open(p):  # type: ignore[attr-defined]
-                continue
-        except SlideError as e:
-            failures.append((name, e))
-            continue
-        except Exception as e:  # noqa: BLE001
-            failures.append(
-                (name, SlideError(f"{p}: {_short(e)}", "the file may be truncated or corrupt"))
-            )
+        if not _attempt(name, lambda cls=cls: cls.can_open(p), p, failures):
             continue
         tried.add(name)
-        slide = _try_backend(name, cls, p, mpp, failures)
+        slide = _attempt(name, lambda cls=cls: cls(p, mpp=mpp), p, failures)
         if slide is not None:
             return slide
         # a backend that declined the file in favour of this one may still read it
@@ -147,7 +139,7 @@ def _open_slide(path: str | os.PathLike, backend: str | None, mpp: float | None)
             if not fcls.can_open_fallback(p):  # type: ignore[attr-defined]
                 continue
             tried.add(fname)
-            slide = _try_backend(fname, fcls, p, mpp, failures)
+            slide = _attempt(fname, lambda fcls=fcls: fcls(p, mpp=mpp), p, failures)
             if slide is not None:
                 log.warning(
                     "%s: the %s backend cannot read it (%s); read with the %s backend instead",
@@ -182,16 +174,13 @@ def _open_slide(path: str | os.PathLike, backend: str | None, mpp: float | None)
     )
 
 
-def _try_backend(
-    name: str,
-    cls: type[Slide],
-    p: Path,
-    mpp: float | None,
-    failures: list[tuple[str, SlideError]],
-) -> Slide | None:
-    """``cls(p, mpp=mpp)``, or None with the reason appended to ``failures``."""
+def _attempt(
+    name: str, call: Callable[[], Any], p: Path, failures: list[tuple[str, SlideError]]
+) -> Any:
+    """``call()`` (backend ``name``'s ``can_open`` or constructor on ``p``), or None with the
+    reason appended to ``failures``."""
     try:
-        return cls(p, mpp=mpp)
+        return call()
     except SlideError as e:
         failures.append((name, e))
     except Exception as e:  # noqa: BLE001
